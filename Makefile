@@ -1,0 +1,30 @@
+# `make run`: set up .venv from nothing and train the default model (report in workdir/).
+# `make test`: set up .venv with the test extras and run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/default
+
+.PHONY: run test test-fast clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) workdir

@@ -1,0 +1,107 @@
+"""The decoder LM's config: a frozen dataclass validated from `config.model`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.core
+
+from sparsejax import validation
+from sparsejax.validation import check, check_choice
+
+DTYPES = ("float32", "bfloat16", "float16")
+_EMPTY = flax.core.FrozenDict()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and per-block component choices of `DecoderLM`.
+
+  `attention`, `ffn`, `linear` and `memory` name entries of `sparsejax.layers.registry`;
+  their `*_options` mappings are validated by the entry's options dataclass.
+  `memory_layers` places skip-layer memories: "s:t,..." reads the normalized FFN input
+  of block s and adds the memory output to the residual after block t (s ≤ t).
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0                # 0: d_model // num_heads
+  d_ff: int = 0                    # 0: 8/3 · d_model rounded up to a multiple of 64
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"           # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  remat: bool = False              # rematerialize each block in the backward pass
+  attention: str = "mha"
+  attention_options: Mapping[str, Any] = _EMPTY
+  ffn: str = "swiglu"
+  ffn_options: Mapping[str, Any] = _EMPTY
+  linear: str = "dense"
+  linear_options: Mapping[str, Any] = _EMPTY
+  memory: str = "none"
+  memory_options: Mapping[str, Any] = _EMPTY
+  memory_layers: str = ""
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def resolved_d_ff(self) -> int:
+    return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def memory_placements(self) -> tuple[tuple[int, int], ...]:
+    """((source block, destination block), ...) parsed from `memory_layers`."""
+    if not self.memory_layers.strip():
+      return ()
+    return tuple(tuple(int(v) for v in pair.split(":"))
+                 for pair in self.memory_layers.replace(" ", "").split(","))
+
+  def validate(self, prefix: str = "config.model") -> None:
+    from sparsejax.layers import registry  # the layers register themselves on import
+    import sparsejax.layers  # noqa: F401
+
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
+      value = getattr(self, name)
+      check(value >= 1, f"{prefix}.{name}", value, ">= 1")
+    check(self.head_dim >= 0, f"{prefix}.head_dim", self.head_dim, ">= 0 (0 = auto)")
+    check(self.d_ff >= 0, f"{prefix}.d_ff", self.d_ff, ">= 0 (0 = auto)")
+    if not self.head_dim:
+      check(self.d_model % self.num_heads == 0, f"{prefix}.num_heads", self.num_heads,
+            f"a divisor of d_model={self.d_model} when head_dim=0")
+    check(self.num_heads % self.num_kv_heads == 0, f"{prefix}.num_kv_heads",
+          self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+    check(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim",
+          self.resolved_head_dim, "even (RoPE rotates pairs)")
+    check(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "> 0")
+    check(0 < self.norm_eps < 1, f"{prefix}.norm_eps", self.norm_eps, "in (0, 1)")
+    check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "> 0")
+    check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+    check_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
+    for kind in ("attention", "ffn", "linear"):
+      registry.parse_options(kind, getattr(self, kind), getattr(self, f"{kind}_options"),
+                             f"{prefix}.{kind}_options")
+    field = f"{prefix}.memory_layers"
+    if self.memory == "none":
+      check(not self.memory_layers.strip(), field, self.memory_layers,
+            "empty when memory='none'")
+      return
+    registry.parse_options("memory", self.memory, self.memory_options,
+                           f"{prefix}.memory_options")
+    check(re.fullmatch(r"\d+:\d+(,\d+:\d+)*", self.memory_layers.replace(" ", "")),
+          field, self.memory_layers, 'like "2:5,6:9" (source:destination block pairs)')
+    for src, dst in self.memory_placements:
+      check(0 <= src <= dst < self.num_layers, field, self.memory_layers,
+            f"pairs s:t with 0 <= s <= t < num_layers={self.num_layers}")
+
+
+def parse_model_config(mapping: Any, prefix: str = "config.model") -> ModelConfig:
+  return validation.from_mapping(ModelConfig, mapping, prefix)

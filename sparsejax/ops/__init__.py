@@ -1,0 +1,3 @@
+"""Pure-JAX ops: the math of every technique, XLA references and `impl=` dispatch."""
+
+from sparsejax.ops.dispatch import get_default_impl, resolve_impl, set_default_impl

@@ -1,0 +1,258 @@
+"""Byte-level / pre-tokenized LM data pipelines on grain.
+
+Sources (`DataConfig.path`):
+
+* `""` (default): the embedded corpus, the Python standard-library `.py` sources of the
+  running interpreter (`sysconfig.get_paths()["stdlib"]`). Excluded: anything under a
+  directory named `site-packages`, `dist-packages` or `__pycache__`, hidden files/dirs, and
+  tests, i.e. every path whose relative path has a component (directory or file name)
+  equal to `test`, `tests` or `idle_test`, or starting with `test_` (so `test/...`,
+  `ctypes/test/...`, `idlelib/idle_test/...`, `lib2to3/tests/...` and any `test_*.py`).
+* a text file: its bytes; the last `val_fraction` of them is val, the rest train.
+* a directory: if it holds any `*.npy` file it is a directory of pre-tokenized shards
+  (only the `*.npy` files are used); otherwise all regular files under it, recursively,
+  skipping hidden files/dirs, empty files and binary files (containing a NUL byte).
+* a `.npy` file or shard directory: 1-D integer arrays, memory-mapped.
+
+Multi-file sources are split by a stable hash of the `/`-separated relative path: a file
+goes to val iff `int(md5(relpath).hexdigest(), 16) % 10_000 < val_fraction * 10_000`.
+A source with a single usable file or shard is split by its tail, like a single text file.
+Text files are byte tokens (uint8) joined by `EOS`; shards are concatenated as they are
+(they are expected to carry their own separators) in their integer dtype.
+
+Examples are packed, non-overlapping windows: window i is
+`tokens[i * seq_len : i * seq_len + seq_len + 1]`, `inputs = window[:-1]`,
+`targets = window[1:]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import sysconfig
+
+import grain
+import numpy as np
+
+from sparsejax import validation
+
+EOS = 0  # document separator token (byte 0, NUL, never occurs in text sources)
+VOCAB_SIZE = 256  # byte-level
+
+_PATH_FIELD = "config.data.path"
+_SPLITS = ("train", "val")
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_TEST_NAMES = frozenset({"test", "tests", "idle_test"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Data pipeline config; see the module docstring for the meaning of `path`."""
+  path: str = ""             # "" = embedded corpus; text file/dir, .npy file or dir of shards
+  seq_len: int = 256          # tokens per example (inputs); >= 1
+  batch_size: int = 32        # GLOBAL batch size; must be divisible by process count
+  val_fraction: float = 0.05  # (0, 1): share of files (or tail of a single file) for val
+  seed: int = 0               # shuffle seed
+
+  def validate(self, prefix: str) -> None:
+    validation.check(isinstance(self.path, str), f"{prefix}.path", self.path, "a string")
+    validation.check(self.seq_len >= 1, f"{prefix}.seq_len", self.seq_len, ">= 1")
+    validation.check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size,
+                     ">= 1")
+    validation.check(0.0 < self.val_fraction < 1.0, f"{prefix}.val_fraction",
+                     self.val_fraction, "in (0, 1)")
+    validation.check(self.seed >= 0, f"{prefix}.seed", self.seed, ">= 0")
+
+
+def _error(path: str, msg: str) -> validation.ConfigError:
+  return validation.ConfigError(f"{_PATH_FIELD}={path!r}: {msg}")
+
+
+def _is_val(relpath: str, val_fraction: float) -> bool:
+  """Stable train/val assignment of a file by the md5 of its `/`-separated relpath."""
+  h = int(hashlib.md5(relpath.encode()).hexdigest(), 16)
+  return h % 10_000 < val_fraction * 10_000
+
+
+def _is_test_path(parts: list[str]) -> bool:
+  return any(p in _TEST_NAMES or p.startswith("test_") for p in parts)
+
+
+def _walk(root: str, prune) -> list[tuple[str, str]]:
+  """Sorted (relpath with '/', abspath) of regular files under `root`, walking only into
+  directories whose relative-path components pass `prune(parts) -> keep`."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    reldir = os.path.relpath(dirpath, root)
+    base = [] if reldir == "." else reldir.split(os.sep)
+    dirnames[:] = [d for d in dirnames if prune(base + [d])]
+    for f in filenames:
+      full = os.path.join(dirpath, f)
+      if prune(base + [f]) and os.path.isfile(full):
+        out.append(("/".join(base + [f]), full))
+  return sorted(out)
+
+
+def _stdlib_files() -> list[tuple[str, str]]:
+  """(relpath, abspath) of the embedded corpus's `.py` files, sorted by relpath."""
+  def keep(parts):
+    return not (parts[-1].startswith(".") or parts[-1] in _EXCLUDED_DIRS
+                or _is_test_path(parts[-1:]))
+  root = sysconfig.get_paths()["stdlib"]
+  return [(r, p) for r, p in _walk(root, keep) if r.endswith(".py")]
+
+
+def _read_texts(files: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+  """Reads files, dropping empty and binary (NUL-containing) ones."""
+  out = []
+  for rel, full in files:
+    with open(full, "rb") as f:
+      data = f.read()
+    if data and b"\0" not in data:
+      out.append((rel, data))
+  return out
+
+
+def _load_npy(path: str) -> np.ndarray:
+  try:
+    arr = np.load(path, mmap_mode="r")
+  except ValueError:  # e.g. an empty array cannot be memory-mapped
+    arr = np.load(path)
+  if arr.ndim != 1 or arr.dtype.kind not in "iu":
+    raise _error(path, f"pre-tokenized shards must be 1-D integer arrays, got "
+                       f"shape {arr.shape} dtype {arr.dtype}")
+  return arr
+
+
+def _tail_split(tokens: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
+  n_val = int(len(tokens) * val_fraction)
+  return tokens[len(tokens) - n_val:] if split == "val" else tokens[:len(tokens) - n_val]
+
+
+def _join_texts(texts: list[bytes]) -> np.ndarray:
+  return np.frombuffer(bytes([EOS]).join(texts), dtype=np.uint8)
+
+
+def _load(path: str, split: str, val_fraction: float) -> np.ndarray:
+  if path == "":
+    texts = _read_texts(_stdlib_files())
+    chosen = [d for r, d in texts if _is_val(r, val_fraction) == (split == "val")]
+    return _join_texts(chosen)
+  if not os.path.exists(path):
+    raise _error(path, "path does not exist")
+  if os.path.isfile(path):
+    if path.endswith(".npy"):
+      return _tail_split(_load_npy(path), split, val_fraction)
+    with open(path, "rb") as f:
+      data = f.read()
+    if b"\0" in data:
+      raise _error(path, "file contains NUL bytes (binary?); text sources must not")
+    return _tail_split(np.frombuffer(data, dtype=np.uint8), split, val_fraction)
+  files = _walk(path, lambda parts: not parts[-1].startswith("."))
+  shards = [(r, p) for r, p in files if r.endswith(".npy")]
+  if shards:
+    if len(shards) == 1:
+      return _tail_split(_load_npy(shards[0][1]), split, val_fraction)
+    chosen = [_load_npy(p) for r, p in shards
+              if _is_val(r, val_fraction) == (split == "val")]
+    return np.concatenate(chosen) if chosen else np.zeros((0,), np.int32)
+  texts = _read_texts(files)
+  if not texts:
+    raise _error(path, "directory has no usable files (non-hidden, non-empty text "
+                       "files without NUL bytes, or *.npy shards)")
+  if len(texts) == 1:
+    return _tail_split(np.frombuffer(texts[0][1], np.uint8), split, val_fraction)
+  return _join_texts([d for r, d in texts if _is_val(r, val_fraction) == (split == "val")])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_embedded(split: str, val_fraction: float) -> np.ndarray:
+  return _load("", split, val_fraction)
+
+
+def load_tokens(cfg: DataConfig, split: str) -> np.ndarray:
+  """The 1-D token array of `split` in {"train", "val"}.
+
+  Returns uint8 bytes (text sources, documents joined by `EOS`) or the shards' integer
+  dtype (pre-tokenized; possibly a read-only memory map). Shape `[num_tokens]`. The
+  embedded corpus is cached per (split, val_fraction) and returned read-only. Raises
+  ValueError naming `config.data.path` for a missing path, a directory without usable
+  files or an empty split.
+  """
+  validation.check_choice("split", split, _SPLITS)
+  if cfg.path == "":
+    tokens = _load_embedded(split, float(cfg.val_fraction))
+  else:
+    tokens = _load(cfg.path, split, float(cfg.val_fraction))
+  if len(tokens) == 0:
+    raise _error(cfg.path, f"the {split} split is empty (val_fraction="
+                           f"{cfg.val_fraction}); add data or change "
+                           f"config.data.val_fraction")
+  return tokens
+
+
+class WindowSource:
+  """Random-access packed windows: item i is a dict of int32[seq_len] arrays
+  `{"inputs": w[:-1], "targets": w[1:]}` with `w = tokens[i*seq_len : i*seq_len+seq_len+1]`.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self._tokens = tokens
+    self._seq_len = seq_len
+    self._len = max(0, (len(tokens) - 1) // seq_len)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < self._len:
+      raise IndexError(f"window {index} out of range [0, {self._len})")
+    start = index * self._seq_len
+    w = np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)
+    return {"inputs": w[:-1], "targets": w[1:]}
+
+  def __repr__(self) -> str:
+    return f"WindowSource(num_tokens={len(self._tokens)}, seq_len={self._seq_len})"
+
+
+def make_dataset(cfg: DataConfig, split: str, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """An infinite grain dataset of batches for this process.
+
+  Yields dicts `{"inputs": int32[local_b, seq_len], "targets": int32[local_b, seq_len]}`
+  with `local_b = batch_size // process_count` and targets the inputs shifted by one.
+  Process p takes windows `p::process_count` (disjoint across processes). "train" is
+  shuffled by `cfg.seed` and reshuffled every epoch (batches may span epochs); "val" is
+  in fixed order, the same batches every epoch. The iterator's `get_state()` is a
+  JSON-serializable dict that `set_state()` accepts back. Process index/count default to
+  `jax.process_index()` / `jax.process_count()`.
+  """
+  cfg.validate("config.data")
+  validation.check_choice("split", split, _SPLITS)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  validation.check(process_count >= 1, "process_count", process_count, ">= 1")
+  validation.check(0 <= process_index < process_count, "process_index", process_index,
+                   f"in [0, {process_count})")
+  validation.check(cfg.batch_size % process_count == 0, "config.data.batch_size",
+                   cfg.batch_size, f"divisible by the process count {process_count}")
+  local_b = cfg.batch_size // process_count
+  tokens = load_tokens(cfg, split)
+  source = WindowSource(tokens, cfg.seq_len)
+  if len(source) < cfg.batch_size:
+    need = cfg.batch_size * cfg.seq_len + 1
+    raise _error(cfg.path, f"the {split} split has {len(tokens)} tokens but one global "
+                           f"batch needs at least {need} (batch_size={cfg.batch_size} "
+                           f"windows of seq_len+1={cfg.seq_len + 1} tokens, packed); "
+                           f"use more data or a smaller seq_len/batch_size")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if split == "train":
+    ds = ds.shuffle(seed=cfg.seed).repeat().batch(local_b, drop_remainder=True)
+  else:
+    ds = ds.batch(local_b, drop_remainder=True).repeat()
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))

@@ -1,0 +1,236 @@
+"""The training loop: sharded init, jitted train/eval steps, checkpoints and resume.
+
+`train(config, workdir)` trains `DecoderLM(config.model)` on `config.data` and writes
+`workdir/metrics.jsonl` and `workdir/checkpoints/`. Rerunning it with the same workdir
+resumes from the latest checkpoint (params, optimizer, non-parameter model state, step
+and data-iterator position), so an interrupted run continued to N steps ends with the
+same params as an uninterrupted N-step run. The train step is `jax.jit` with in/out
+shardings (pjit) under `jax.set_mesh`; the state is created directly sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsejax import sharding
+from sparsejax.models import DecoderLM
+from sparsejax.ops.dispatch import set_default_impl
+from sparsejax.train import data as data_lib
+from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
+from sparsejax.train.config import Config, config_to_dict
+from sparsejax.train.metrics import MetricsWriter, bits_per_byte, progress_bar
+from sparsejax.train.optim import make_optimizer
+from sparsejax.train.state import (TrainState, split_variables, sown_metrics,
+                                   sum_aux_losses)
+
+Hook = Callable[[int, TrainState], None]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy in nats; logits [B, T, V] float32, targets int [B, T]."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets).mean()
+
+
+class Trainer:
+  """The model, optimizer, mesh and jitted steps of one config (no I/O)."""
+
+  def __init__(self, config: Config, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    self.model = DecoderLM(config.model)
+    self.tx, self.schedule = make_optimizer(config.optim, config.train.num_steps)
+    with self.activate():
+      boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+      self.state_shardings = sharding.tree_shardings(boxed, self.mesh)
+      self.abstract_state = sharding.unbox(boxed)
+      self._init = jax.jit(lambda rng: sharding.unbox(self._init_boxed(rng)),
+                           out_shardings=self.state_shardings)
+      batch = sharding.batch_sharding(self.mesh)
+      batch_shardings = {"inputs": batch, "targets": batch}
+      self._train_step = jax.jit(self._step, donate_argnums=0,
+                                 in_shardings=(self.state_shardings, batch_shardings),
+                                 out_shardings=(self.state_shardings, None))
+      self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings,
+                                                          batch_shardings))
+
+  @contextlib.contextmanager
+  def activate(self):
+    """Context: the mesh (`jax.set_mesh`) and the logical-axis rules."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
+
+  def _example_tokens(self) -> jax.Array:
+    return jnp.zeros((self.config.data.batch_size, self.config.data.seq_len), jnp.int32)
+
+  def _init_boxed(self, rng: jax.Array) -> TrainState:
+    params, model_state = split_variables(self.model.init(rng, self._example_tokens()))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), model_state=model_state)
+
+  def init_state(self, seed: int | None = None) -> TrainState:
+    """A fresh train state, created sharded (no full copy on one device)."""
+    seed = self.config.train.seed if seed is None else seed
+    with self.activate():
+      return self._init(jax.random.key(seed))
+
+  def loss(self, params: Any, model_state: dict, batch: dict) -> tuple[jax.Array, Any]:
+    """(CE + sown aux losses, (ce, aux, new model_state, sown metrics))."""
+    mutable = [*model_state.keys(), "aux_loss", "metrics"]
+    logits, updates = self.model.apply({"params": params, **model_state},
+                                       batch["inputs"], mutable=mutable)
+    ce = cross_entropy(logits, batch["targets"])
+    aux = sum_aux_losses(updates.get("aux_loss", {}))
+    new_state = {k: updates[k] for k in model_state}
+    return ce + aux, (ce, aux, new_state, sown_metrics(updates.get("metrics", {})))
+
+  def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    (loss, (ce, aux, model_state, sown)), grads = grad_fn(state.params,
+                                                          state.model_state, batch)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "ce": ce, "aux_loss": aux,
+               "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step),
+               **sown}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      model_state=model_state), metrics
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch {"inputs","targets": int32 [B, T]}."""
+    with self.activate():
+      return self._train_step(state, batch)
+
+  def _eval(self, state: TrainState, batch: dict) -> jax.Array:
+    logits = self.model.apply({"params": state.params, **state.model_state},
+                              batch["inputs"])
+    return cross_entropy(logits, batch["targets"])
+
+  def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
+    """Mean val loss (nats/token) and bits-per-byte over the first `num_batches`."""
+    it = iter(data_lib.make_dataset(self.config.data, "val"))
+    with self.activate():
+      losses = [float(self._eval_step(state, self.global_batch(next(it))))
+                for _ in range(num_batches)]
+    loss = float(np.mean(losses))
+    return {"loss": loss, "bpb": bits_per_byte(loss)}
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return sharding.global_batch(local, self.mesh)
+
+  def restore_target(self) -> Any:
+    return abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+
+@functools.lru_cache(maxsize=4)
+def trainer_for(config: Config) -> Trainer:
+  """A Trainer per config, reused so resuming in one process does not recompile."""
+  return Trainer(config)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  trainer: Trainer
+  state: TrainState
+  metrics: dict[str, float]   # final val loss/bpb, tokens/s, step
+
+
+def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
+  for section in ("model", "data"):
+    if saved.get(section) != current[section]:
+      raise ValueError(
+          f"--workdir={workdir} holds a run with a different config.{section} "
+          f"({saved.get(section)} vs now {current[section]}); resume it with its own "
+          "config or use a new --workdir")
+
+
+def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainResult:
+  """Trains (or resumes) the run in `workdir`; returns the final state and metrics.
+
+  `hooks(step, state)` run at the end of every step (after its logging and checkpoint). A KeyboardInterrupt (Ctrl-C, or raised by
+  a hook) saves a checkpoint of the last completed step before propagating. A NaN/Inf
+  loss or gradient norm stops the run with FloatingPointError without saving it.
+  """
+  cfg = config.train
+  set_default_impl(config.kernels.impl)
+  trainer = trainer_for(config)
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = config_to_dict(config)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      max_to_keep=cfg.keep_checkpoints)
+  train_iter = iter(data_lib.make_dataset(config.data, "train"))
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, trainer.init_state()
+  else:
+    _check_resumable(ckpt.restore_config(start), config_dict, workdir)
+    state, data_state = ckpt.restore(start, trainer.restore_target())
+    train_iter.set_state(data_state)
+    print(f"Resumed from {ckpt.directory}/{start}")
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, train_iter.get_state(), config_dict)
+
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  bar = progress_bar(cfg.num_steps, start)
+  window: list[float] = []
+  t0, tokens_per_s, final_val = time.perf_counter(), 0.0, None
+  try:
+    for step in range(start + 1, cfg.num_steps + 1):
+      batch = trainer.global_batch(next(train_iter))
+      new_state, metrics = trainer.train_step(state, batch)
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise FloatingPointError(
+            f"loss={loss}, grad_norm={grad_norm} at step {step}: training diverged and "
+            f"was stopped. The last good checkpoint is step {ckpt.latest_step()} in "
+            f"{ckpt.directory}; lower config.optim.learning_rate or raise "
+            "config.optim.warmup_steps and rerun.")
+      state = new_state
+      window.append(loss)
+      bar.update(1)
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        elapsed = time.perf_counter() - t0
+        tokens_per_s = tokens_per_step * len(window) / max(elapsed, 1e-9)
+        record = {k: float(v) for k, v in metrics.items()}
+        record.update(loss=float(np.mean(window)), tokens_per_s=tokens_per_s)
+        writer.write(step, "train", record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        window, t0 = [], time.perf_counter()
+      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
+        val = trainer.evaluate(state, cfg.eval_batches)
+        writer.write(step, "val", val)
+        final_val = val if step == cfg.num_steps else None
+        bar.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
+          step == cfg.num_steps:
+        save(step)
+      for hook in hooks:
+        hook(step, state)
+  except KeyboardInterrupt:
+    if int(state.step) > (ckpt.latest_step() or 0):
+      save(int(state.step))
+    ckpt.wait()
+    bar.write(f"Interrupted: saved step {int(state.step)}; rerun the same command "
+              "to resume.")
+    raise
+  finally:
+    bar.close()
+    ckpt.wait()
+  ckpt.close()
+  final = final_val or trainer.evaluate(state, cfg.eval_batches)
+  final.update(step=int(state.step), tokens_per_s=tokens_per_s)
+  return TrainResult(trainer, state, final)

@@ -1,0 +1,33 @@
+"""Test setup: 8 fake CPU devices (before any JAX op) and small shared fixtures."""
+
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config_dict(**sections):
+  """The tiny training config as a plain dict, with per-section overrides."""
+  config = {
+      "model": dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2),
+      "data": dict(seq_len=32, batch_size=8),
+      "optim": dict(warmup_steps=2, learning_rate=3e-3),
+      "train": dict(num_steps=6, log_every=2, eval_every=3, eval_batches=2,
+                    checkpoint_every=3, sample_tokens=0),
+      "mesh": dict(data=-1),
+  }
+  for name, overrides in sections.items():
+    config.setdefault(name, {}).update(overrides)
+  return config
+
+
+@pytest.fixture
+def rng_seed(request):
+  """A fresh seed per test (derived from the test id), so inputs differ across tests."""
+  import zlib
+  return zlib.crc32(request.node.nodeid.encode())

@@ -1,0 +1,169 @@
+"""Trainer: learning, exact resume after interruption, NaN stop, aux losses, model state."""
+
+import dataclasses
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config_dict
+from sparsejax.layers import registry
+from sparsejax.layers.ffn import GatedFFN
+from sparsejax.train.config import parse_config
+from sparsejax.train.metrics import read_metrics
+from sparsejax.train.trainer import train
+from sparsejax.validation import ConfigError
+
+
+class _Interrupt:
+  """A hook raising KeyboardInterrupt after `at` steps (a user's Ctrl-C)."""
+
+  def __init__(self, at):
+    self.at = at
+
+  def __call__(self, step, state):
+    if step == self.at:
+      raise KeyboardInterrupt
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, result.state.params)
+
+
+def test_interrupted_run_resumes_to_identical_params(tmp_path):
+  config = parse_config(tiny_config_dict())
+  straight = train(config, str(tmp_path / "straight"))
+  with pytest.raises(KeyboardInterrupt):
+    train(config, str(tmp_path / "resumed"), hooks=[_Interrupt(4)])
+  # Saved on interruption at step 4 (between the step-3 and step-6 checkpoints).
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[-1] == "4"
+  resumed = train(config, str(tmp_path / "resumed"))
+  assert resumed.metrics["step"] == straight.metrics["step"] == 6
+  chex.assert_trees_all_close(_params(resumed), _params(straight), rtol=1e-6, atol=1e-6)
+  records = read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+  assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-5)
+
+
+def test_crash_without_final_save_resumes_from_last_checkpoint(tmp_path):
+  """A hard crash (no interrupt handler) loses at most the steps since the checkpoint."""
+  config = parse_config(tiny_config_dict())
+  straight = train(config, str(tmp_path / "straight"))
+
+  def crash(step, state):
+    if step == 5:
+      raise RuntimeError("power cut")
+
+  with pytest.raises(RuntimeError):
+    train(config, str(tmp_path / "crashed"), hooks=[crash])
+  assert sorted(os.listdir(tmp_path / "crashed" / "checkpoints")) == ["3"]
+  resumed = train(config, str(tmp_path / "crashed"))
+  chex.assert_trees_all_close(_params(resumed), _params(straight), rtol=1e-6, atol=1e-6)
+
+
+def test_training_lowers_loss_and_writes_metrics(tmp_path):
+  config = parse_config(tiny_config_dict(train=dict(num_steps=30, log_every=5,
+                                                    eval_every=15, checkpoint_every=0)))
+  result = train(config, str(tmp_path))
+  records = read_metrics(str(tmp_path / "metrics.jsonl"))
+  val = [r["loss"] for r in records if r["split"] == "val"]
+  assert len(val) == 2 and val[-1] < val[0] < np.log(256) + 0.1
+  train_records = [r for r in records if r["split"] == "train"]
+  assert {"loss", "ce", "grad_norm", "lr", "tokens_per_s"} <= set(train_records[0])
+  assert result.metrics["bpb"] == pytest.approx(result.metrics["loss"] / np.log(2))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = parse_config(tiny_config_dict(train=dict(num_steps=8, checkpoint_every=2)))
+  poisoned = {"done": False}
+
+  def poison(step, state):  # corrupt the params after step 4 (as a bad update would)
+    if step == 4 and not poisoned["done"]:
+      poisoned["done"] = True
+      leaf = state.params["embedding"]
+      leaf.copy_to_host_async()
+      object.__setattr__(state, "params", {**state.params,
+                                           "embedding": leaf * jnp.nan})
+
+  with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
+    train(config, str(tmp_path), hooks=[poison])
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "4"
+
+
+@dataclasses.dataclass(frozen=True)
+class _AuxOptions:
+  aux: float = 0.5
+
+
+class _CountingFFN(nn.Module):
+  """A SwiGLU FFN that sows a constant aux loss and a metric and counts its training calls."""
+  cfg: object
+  aux: float
+
+  @nn.compact
+  def __call__(self, x):
+    calls = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+    if self.is_mutable_collection("counters") and not self.is_initializing():
+      calls.value += 1
+    self.sow("aux_loss", "const", jnp.asarray(self.aux))
+    self.sow("metrics", "calls", calls.value.astype(jnp.float32))
+    return GatedFFN(self.cfg)(x)
+
+
+registry.register("ffn", "_test_counting", options=_AuxOptions)(
+    lambda cfg, options, layer: _CountingFFN(cfg, options.aux, name="ffn"))
+
+
+def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_path):
+  config = parse_config(tiny_config_dict(model=dict(ffn="_test_counting",
+                                                    ffn_options={"aux": 0.25})))
+  result = train(config, str(tmp_path))
+  records = [r for r in read_metrics(str(tmp_path / "metrics.jsonl"))
+             if r["split"] == "train"]
+  # 2 layers x 0.25 sown -> aux_loss 0.5 added to the CE.
+  assert records[-1]["aux_loss"] == pytest.approx(0.5)
+  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "targets": jnp.ones((2, 8), jnp.int32)}
+  total, (ce, aux, _, _) = result.trainer.loss(result.state.params,
+                                               result.state.model_state, batch)
+  assert float(aux) == pytest.approx(0.5)
+  assert float(total) == pytest.approx(float(ce) + 0.5, rel=1e-6)
+  counters = result.state.model_state["counters"]
+  np.testing.assert_array_equal(counters["block_0"]["ffn"]["calls"], 6)
+  assert records[-1]["block_0/ffn/calls"] == pytest.approx(6.0)  # sown at step 6
+  # Resume continues the state from the checkpoint.
+  more = parse_config(tiny_config_dict(model=dict(ffn="_test_counting",
+                                                  ffn_options={"aux": 0.25}),
+                                       train=dict(num_steps=8)))
+  resumed = train(more, str(tmp_path))
+  np.testing.assert_array_equal(
+      resumed.state.model_state["counters"]["block_1"]["ffn"]["calls"], 8)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+  train(parse_config(tiny_config_dict(train=dict(num_steps=3))), str(tmp_path))
+  other = parse_config(tiny_config_dict(model=dict(num_layers=3)))
+  with pytest.raises(ValueError, match="different config.model"):
+    train(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("section,overrides,field", [
+    ("train", {"num_steps": 0}, "config.train.num_steps"),
+    ("optim", {"learning_rate": -1.0}, "config.optim.learning_rate"),
+    ("optim", {"lr_multipliers": {"(": 2.0}}, "config.optim.lr_multipliers"),
+    ("mesh", {"data": 0}, "config.mesh.data"),
+    ("kernels", {"impl": "cuda"}, "config.kernels.impl"),
+    ("data", {"seq_len": 0}, "config.data.seq_len"),
+])
+def test_config_validation_names_field(section, overrides, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    parse_config(tiny_config_dict(**{section: overrides}))
+
+
+def test_unknown_section_is_rejected():
+  with pytest.raises(ConfigError, match="config.modle"):
+    parse_config({**tiny_config_dict(), "modle": {}})
