@@ -1,3 +1,4 @@
 """Pure-JAX ops: the math of every technique, XLA references and `impl=` dispatch."""
 
 from sparsejax.ops.dispatch import get_default_impl, resolve_impl, set_default_impl
+from sparsejax.ops.topk import nm_mask, nm_sparsify, topk_mask, topk_sparsify
