@@ -1,0 +1,18 @@
+"""BitNet b1.58: the default (LLaMA-like, SwiGLU) model with every attention/FFN
+projection a BitLinear (ternary absmean weights, 8-bit absmax activations, STE);
+embedding and lm_head stay full precision.
+
+  python experiments/train.py --config=experiments/configs/bitnet.py --workdir=workdir/bitnet
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402  (the sibling config file)
+
+
+def get_config():
+  config = default.get_config()
+  config.model.update(linear="bitnet")
+  return config

@@ -1,0 +1,190 @@
+"""Q-Sparse and BitNet b1.58 linear projections: the "qsparse", "bitnet" and
+"bitnet_qsparse" entries of the linear registry (see specs/qsparse_bitnet.md).
+
+Both modules are drop-in replacements for `Dense` (same constructor, same single
+"kernel" param with the same shape and logical axes — so a dense checkpoint can be
+continue-trained as Q-Sparse or BitNet), selected from the config alone:
+
+    config.model.linear = "qsparse"          # options: topk_ratio, mode, n, m, rescale, impl
+    config.model.linear = "bitnet"           # no options
+    config.model.linear = "bitnet_qsparse"   # options: topk_ratio, mode, n, m, impl
+
+The sparsified/quantized input of a projection is its whole per-token input vector: for
+o_proj (x [B, T, H, Dh], contract_dims=2) that is the concatenated heads, flattened to
+H·Dh features. Sparsifying modules sow "act_sparsity" (the fraction of exactly-zero
+entries of the input fed to the matmul, natural zeros included; float32 scalar) into the
+"metrics" collection, logged per projection, e.g. `block_0/attention/q_proj/act_sparsity`.
+Embeddings and lm_head are not built through the registry and stay full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.layers import registry
+from sparsejax.layers.dense import Dense, contract
+from sparsejax.ops.dispatch import IMPLS
+from sparsejax.ops.quant import fake_absmax, fake_ternary
+from sparsejax.ops.topk import nm_sparsify, topk_sparsify
+from sparsejax.validation import check, check_choice
+
+MODES = ("topk", "nm")
+
+
+def topk_count(topk_ratio: float, d: int) -> int:
+  """k = max(1, floor(topk_ratio · d)): the entries kept per token of a d-vector.
+
+  The floor tolerates float error in the product (0.29 · 100 keeps 29, not 28).
+  """
+  return max(1, min(d, math.floor(topk_ratio * d + 1e-9)))
+
+
+def _check_sparsity_args(module, d: int) -> None:
+  where = f"{type(module).__name__} {module.name!r}"
+  if module.mode not in MODES:
+    raise ValueError(f"{where}: mode={module.mode!r} must be one of {MODES}")
+  if module.mode == "topk" and not 0 < module.topk_ratio <= 1:
+    raise ValueError(f"{where}: topk_ratio={module.topk_ratio!r} must be in (0, 1] "
+                     "(the fraction of input entries kept)")
+  if module.mode == "nm":
+    if not 1 <= module.n <= module.m:
+      raise ValueError(f"{where}: n={module.n} must be in [1, m={module.m}]")
+    if d % module.m:
+      raise ValueError(f"{where}: N:M needs m={module.m} to divide the input size {d} "
+                       "(set linear_options.m to a divisor of every projection input)")
+
+
+def _sparsify(module, x: jax.Array, rescale: bool) -> jax.Array:
+  """Top-k (or N:M) of x [..., d] along the last axis, STE gradient; sows the sparsity."""
+  d = x.shape[-1]
+  _check_sparsity_args(module, d)
+  if module.mode == "nm":
+    y = nm_sparsify(x, module.n, module.m)
+  else:
+    y = topk_sparsify(x, topk_count(module.topk_ratio, d), rescale=rescale,
+                      impl=module.impl)
+  module.sow("metrics", "act_sparsity", jnp.mean((y == 0).astype(jnp.float32)))
+  return y
+
+
+def _kernel(module, in_dims) -> jax.Array:
+  init = nn.with_logical_partitioning(nn.initializers.normal(module.init_std),
+                                      module.kernel_axes)
+  return module.param("kernel", init, (*in_dims, *module.features), module.param_dtype)
+
+
+def _flatten_features(x: jax.Array, contract_dims: int) -> jax.Array:
+  return x.reshape(*x.shape[:x.ndim - contract_dims], -1)
+
+
+class SparseDense(Dense):
+  """Q-Sparse linear: y = TopK(x) · W (or N:M(x) · W), straight-through gradient.
+
+  x: [..., *in_dims] with in_dims the last `contract_dims` axes; the top-k is taken per
+  token over the flattened in_dims (d = prod(in_dims)), keeping k = max(1,
+  floor(topk_ratio · d)) entries of largest |x| (ties: lowest index). With
+  mode="nm", keeps the n largest of every m consecutive flattened entries (topk_ratio
+  unused). ∂L/∂x = ∂L/∂(sparse x): the input gradient equals `Dense`'s.
+  """
+  topk_ratio: float = 0.7     # fraction of the d input entries kept per token
+  mode: str = "topk"          # "topk" | "nm"
+  n: int = 2
+  m: int = 4
+  rescale: bool = False       # y ← y · ‖x‖₂ / ‖y‖₂ per token (mode="topk" only)
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = _kernel(self, x.shape[x.ndim - self.contract_dims:])
+    x = x.astype(self.dtype)
+    if self.rescale and self.mode == "nm":
+      raise ValueError(f"SparseDense {self.name!r}: rescale=True needs mode='topk'")
+    y = _sparsify(self, _flatten_features(x, self.contract_dims), self.rescale)
+    return contract(y.reshape(x.shape), kernel.astype(self.dtype), self.contract_dims)
+
+
+class BitDense(Dense):
+  """BitLinear (BitNet b1.58): y = absmax8(RMSNorm(x)) · ternary(W), STE gradients.
+
+  x_n = x / sqrt(mean(x²) + norm_eps) over the flattened in_dims (no learned gain),
+  x_q = fake_absmax(x_n, 8) per token, w_q = fake_ternary(W) (one scale for the whole
+  kernel), y = x_q · w_q. The latent kernel stays full precision. The norm is computed
+  in float32; the gradient flows through it (only the quantizers are straight-through).
+
+  With `qsparse=True` (BitNet + Q-Sparse): y = (Q(x) ⊙ M) · Ŵ, the top-k (or N:M) mask
+  M computed on the quantized activations Q(x) (ties, which int8 codes make common,
+  keep the lowest index), and "act_sparsity" is sown.
+  """
+  norm_eps: float = 1e-6
+  qsparse: bool = False
+  topk_ratio: float = 0.7
+  mode: str = "topk"
+  n: int = 2
+  m: int = 4
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = _kernel(self, x.shape[x.ndim - self.contract_dims:])
+    xf = _flatten_features(x, self.contract_dims).astype(jnp.float32)
+    x_n = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.norm_eps)
+    x_q = fake_absmax(x_n, 8)
+    if self.qsparse:
+      x_q = _sparsify(self, x_q, rescale=False)
+    w_q = fake_ternary(kernel)
+    return contract(x_q.astype(self.dtype).reshape(x.shape), w_q.astype(self.dtype),
+                    self.contract_dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitQSparseOptions:
+  """Options of "bitnet_qsparse" (the fields of "qsparse" but `rescale`)."""
+  topk_ratio: float = 0.7     # fraction KEPT per token (0.7 = "70% top-K"); mode="topk"
+  mode: str = "topk"          # "topk" | "nm" (block Q-Sparse: n of every m kept)
+  n: int = 2
+  m: int = 4
+  impl: str = "auto"          # top-k implementation: "auto" | "xla" | "pallas" | "interpret"
+
+  def validate(self, prefix: str) -> None:
+    check(0 < self.topk_ratio <= 1, f"{prefix}.topk_ratio", self.topk_ratio,
+          "in (0, 1] (the fraction of input entries kept per token)")
+    check_choice(f"{prefix}.mode", self.mode, MODES)
+    check(self.m >= 1, f"{prefix}.m", self.m, ">= 1")
+    check(1 <= self.n <= self.m, f"{prefix}.n", self.n, f"in [1, m={self.m}]")
+    check_choice(f"{prefix}.impl", self.impl, IMPLS)
+
+
+@dataclasses.dataclass(frozen=True)
+class QSparseOptions(BitQSparseOptions):
+  """Options of "qsparse"."""
+  rescale: bool = False       # L2 rescale of the kept entries (paper text; off in code)
+
+  def validate(self, prefix: str) -> None:
+    super().validate(prefix)
+    check(not (self.rescale and self.mode == "nm"), f"{prefix}.rescale", self.rescale,
+          "False when mode='nm'")
+
+
+@registry.register("linear", "qsparse", options=QSparseOptions)
+def build_qsparse(cfg, options: QSparseOptions, layer):
+  del cfg, layer
+  return functools.partial(SparseDense, **dataclasses.asdict(options))
+
+
+@registry.register("linear", "bitnet")
+def build_bitnet(cfg, options, layer):
+  del options, layer
+  return functools.partial(BitDense, norm_eps=cfg.norm_eps)
+
+
+@registry.register("linear", "bitnet_qsparse", options=BitQSparseOptions)
+def build_bitnet_qsparse(cfg, options: BitQSparseOptions, layer):
+  del layer
+  return functools.partial(BitDense, norm_eps=cfg.norm_eps, qsparse=True,
+                           **dataclasses.asdict(options))
