@@ -29,6 +29,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   sample_prompt: str = "def "    # prompt for the sample printed at the end
   sample_tokens: int = 200       # 0: no sample
+  init_from: str = ""            # a run's workdir: start from its latest params
 
   def validate(self, prefix: str = "config.train") -> None:
     check(self.num_steps >= 1, f"{prefix}.num_steps", self.num_steps, ">= 1")

@@ -29,7 +29,7 @@ from sparsejax.models import DecoderLM
 from sparsejax.ops.dispatch import set_default_impl
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
-from sparsejax.train.config import Config, config_to_dict
+from sparsejax.train.config import Config, config_to_dict, parse_config
 from sparsejax.train.metrics import MetricsWriter, bits_per_byte, progress_bar
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import (TrainState, split_variables, sown_metrics,
@@ -113,19 +113,32 @@ class Trainer:
     with self.activate():
       return self._train_step(state, batch)
 
-  def _eval(self, state: TrainState, batch: dict) -> jax.Array:
-    logits = self.model.apply({"params": state.params, **state.model_state},
-                              batch["inputs"])
-    return cross_entropy(logits, batch["targets"])
+  def _eval(self, state: TrainState, batch: dict) -> dict[str, jax.Array]:
+    logits, sown = self.model.apply({"params": state.params, **state.model_state},
+                                    batch["inputs"], mutable=["metrics"])
+    return {"loss": cross_entropy(logits, batch["targets"]),
+            **sown_metrics(sown.get("metrics", {}))}
 
   def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
-    """Mean val loss (nats/token) and bits-per-byte over the first `num_batches`."""
+    """Mean val loss (nats/token), bits-per-byte and sown metrics (e.g. per-projection
+    activation sparsity) over the first `num_batches` val batches."""
     it = iter(data_lib.make_dataset(self.config.data, "val"))
     with self.activate():
-      losses = [float(self._eval_step(state, self.global_batch(next(it))))
-                for _ in range(num_batches)]
-    loss = float(np.mean(losses))
-    return {"loss": loss, "bpb": bits_per_byte(loss)}
+      batches = [jax.device_get(self._eval_step(state, self.global_batch(next(it))))
+                 for _ in range(num_batches)]
+    result = {k: float(np.mean([b[k] for b in batches])) for k in batches[0]}
+    result["bpb"] = bits_per_byte(result["loss"])
+    return result
+
+  def state_from_params(self, params: Any, model_state: Any | None = None) -> TrainState:
+    """A step-0 state around given params (fresh optimizer state), placed sharded."""
+    def build(params, model_state):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.tx.init(params), model_state=model_state)
+    if model_state is None:
+      model_state = self.init_state().model_state
+    with self.activate():
+      return jax.jit(build, out_shardings=self.state_shardings)(params, model_state)
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return sharding.global_batch(local, self.mesh)
@@ -145,6 +158,29 @@ class TrainResult:
   trainer: Trainer
   state: TrainState
   metrics: dict[str, float]   # final val loss/bpb, tokens/s, step
+
+
+def load_params(workdir: str, trainer: Trainer) -> Any:
+  """Params of the latest checkpoint of the run in `workdir`, placed like `trainer`'s.
+
+  The run may use another config (e.g. dense weights for a Q-Sparse continue-training
+  run) as long as its parameter tree has the same paths and shapes.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = Checkpointer(directory)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ValueError(f"config.train.init_from={workdir!r} holds no checkpoint "
+                     f"(looked in {directory})")
+  saved = Trainer(parse_config(ckpt.restore_config(step)), mesh=trainer.mesh)
+  params = ckpt.restore(step, saved.restore_target())[0].params
+  ckpt.close()
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), trainer.abstract_state.params)
+  have = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+  if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
+    raise ValueError(f"config.train.init_from={workdir!r}: its parameters do not match "
+                     "this model's (paths, shapes or dtypes differ)")
+  return params
 
 
 def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
@@ -172,7 +208,10 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
                       max_to_keep=cfg.keep_checkpoints)
   train_iter = iter(data_lib.make_dataset(config.data, "train"))
   start = ckpt.latest_step()
-  if start is None:
+  if start is None and cfg.init_from:
+    start, state = 0, trainer.state_from_params(load_params(cfg.init_from, trainer))
+    print(f"Initialized params from {cfg.init_from}")
+  elif start is None:
     start, state = 0, trainer.init_state()
   else:
     _check_resumable(ckpt.restore_config(start), config_dict, workdir)

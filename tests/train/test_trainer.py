@@ -31,8 +31,9 @@ class _Interrupt:
       raise KeyboardInterrupt
 
 
-def _params(result):
-  return jax.tree.map(np.asarray, result.state.params)
+def _params(result_or_state):
+  state = getattr(result_or_state, "state", result_or_state)
+  return jax.tree.map(np.asarray, state.params)
 
 
 def test_interrupted_run_resumes_to_identical_params(tmp_path):
@@ -167,3 +168,30 @@ def test_config_validation_names_field(section, overrides, field):
 def test_unknown_section_is_rejected():
   with pytest.raises(ConfigError, match="config.modle"):
     parse_config({**tiny_config_dict(), "modle": {}})
+
+
+def test_init_from_dense_run_continues_as_qsparse(tmp_path):
+  dense = train(parse_config(tiny_config_dict(train=dict(num_steps=3))),
+                str(tmp_path / "dense"))
+  sparse_cfg = parse_config(tiny_config_dict(
+      model=dict(linear="qsparse", linear_options={"topk_ratio": 0.5}),
+      train=dict(num_steps=2, init_from=str(tmp_path / "dense"))))
+  seen = {}
+  result = train(sparse_cfg, str(tmp_path / "sparse"),
+                 hooks=[lambda step, state: seen.setdefault(step, _params(state))])
+  del result
+  # Step 1 started from the dense params: one Adam step away from them, not a fresh init.
+  first = seen[1]
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(a - np.asarray(b))), first,
+                       dense.state.params)
+  assert max(jax.tree.leaves(moved)) < 3e-3 * 1.5
+  records = read_metrics(str(tmp_path / "sparse" / "metrics.jsonl"))
+  val = [r for r in records if r["split"] == "val"][-1]
+  assert val["block_0/attention/q_proj/act_sparsity"] == pytest.approx(0.5, abs=1e-6)
+  with pytest.raises(ValueError, match="init_from=.*holds no checkpoint"):
+    train(parse_config(tiny_config_dict(train=dict(init_from=str(tmp_path / "none")))),
+          str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="do not match"):
+    train(parse_config(tiny_config_dict(model=dict(num_layers=3),
+                                        train=dict(init_from=str(tmp_path / "dense")))),
+          str(tmp_path / "y"))
