@@ -6,8 +6,9 @@ Both modules are drop-in replacements for `Dense` (same constructor, same single
 continue-trained as Q-Sparse or BitNet), selected from the config alone:
 
     config.model.linear = "qsparse"          # options: topk_ratio, mode, n, m, rescale, impl
-    config.model.linear = "bitnet"           # no options
-    config.model.linear = "bitnet_qsparse"   # options: topk_ratio, mode, n, m, impl
+    config.model.linear = "bitnet"           # options: weights
+    config.model.linear = "bitnet_qsparse"   # options: topk_ratio, mode, n, m, impl,
+                                             #   weights
 
 The sparsified/quantized input of a projection is its whole per-token input vector: for
 o_proj (x [B, T, H, Dh], contract_dims=2) that is the concatenated heads, flattened to
@@ -15,6 +16,12 @@ H·Dh features. Sparsifying modules sow "act_sparsity" (the fraction of exactly-
 entries of the input fed to the matmul, natural zeros included; float32 scalar) into the
 "metrics" collection, logged per projection, e.g. `block_0/attention/q_proj/act_sparsity`.
 Embeddings and lm_head are not built through the registry and stay full precision.
+
+BitNet weights: `weights="latent"` (training) holds the full-precision "kernel" and
+quantizes it on the fly; `weights="ternary"` (inference on an exported model, see
+`sparsejax.train.export`) holds its int8 "codes" (same shape and logical axes as the
+kernel) and float32 "scale" instead, and computes bit-identical outputs to the latent
+module whose kernel quantizes to them.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import jax.numpy as jnp
 from sparsejax.layers import registry
 from sparsejax.layers.dense import Dense, contract
 from sparsejax.ops.dispatch import IMPLS
+from sparsejax.ops.quant import EPS as TERNARY_EPS
 from sparsejax.ops.quant import fake_absmax, fake_ternary
 from sparsejax.ops.topk import nm_sparsify, topk_sparsify
 from sparsejax.validation import check, check_choice
 
 MODES = ("topk", "nm")
+WEIGHTS = ("latent", "ternary")
 
 
 def topk_count(topk_ratio: float, d: int) -> int:
@@ -120,6 +129,12 @@ class BitDense(Dense):
   With `qsparse=True` (BitNet + Q-Sparse): y = (Q(x) ⊙ M) · Ŵ, the top-k (or N:M) mask
   M computed on the quantized activations Q(x) (ties, which int8 codes make common,
   keep the lowest index), and "act_sparsity" is sown.
+
+  With `weights="ternary"` (inference only: int params are not trainable) the params
+  are "codes" (int8 in {−1, 0, 1}, the kernel's shape and logical axes) and "scale"
+  (float32 scalar) as returned by `ternary_quantize(kernel)`, and w_q = codes · scale
+  is computed exactly as `fake_ternary` computes its forward value, so the output is
+  bitwise equal to the latent module's.
   """
   norm_eps: float = 1e-6
   qsparse: bool = False
@@ -128,23 +143,55 @@ class BitDense(Dense):
   n: int = 2
   m: int = 4
   impl: str = "auto"
+  weights: str = "latent"     # "latent" (float kernel: training) | "ternary" (inference)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = _kernel(self, x.shape[x.ndim - self.contract_dims:])
+    in_dims = x.shape[x.ndim - self.contract_dims:]
+    if self.weights == "latent":
+      w_q = fake_ternary(_kernel(self, in_dims))
+    elif self.weights == "ternary":
+      w_q = self._ternary_weights(in_dims)
+    else:
+      raise ValueError(f"BitDense {self.name!r}: weights={self.weights!r} must be one "
+                       f"of {WEIGHTS}")
     xf = _flatten_features(x, self.contract_dims).astype(jnp.float32)
     x_n = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.norm_eps)
     x_q = fake_absmax(x_n, 8)
     if self.qsparse:
       x_q = _sparsify(self, x_q, rescale=False)
-    w_q = fake_ternary(kernel)
     return contract(x_q.astype(self.dtype).reshape(x.shape), w_q.astype(self.dtype),
                     self.contract_dims)
 
+  def _ternary_weights(self, in_dims) -> jax.Array:
+    """codes · scale in param_dtype, the same ops (and dtypes) as `fake_ternary`."""
+    shape = (*in_dims, *self.features)
+    scale_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    std = self.init_std
+
+    def init_codes(key, shape, dtype):  # a fresh ternary N(0, std²) kernel
+      w = jax.random.normal(key, shape, jnp.float32)
+      return jnp.clip(jnp.round(w / math.sqrt(2 / math.pi)), -1, 1).astype(dtype)
+
+    def init_scale(key, shape, dtype):  # E|N(0, std²)| = std · sqrt(2/π)
+      del key
+      return jnp.full(shape, max(std * math.sqrt(2 / math.pi), TERNARY_EPS), dtype)
+
+    codes = self.param("codes",
+                       nn.with_logical_partitioning(init_codes, self.kernel_axes),
+                       shape, jnp.int8)
+    scale = self.param("scale", nn.with_logical_partitioning(init_scale, ()), (),
+                       scale_dtype)
+    return (codes.astype(scale.dtype) * scale).astype(self.param_dtype)
+
+
+def _check_weights(prefix: str, weights: str) -> None:
+  check_choice(f"{prefix}.weights", weights, WEIGHTS)
+
 
 @dataclasses.dataclass(frozen=True)
-class BitQSparseOptions:
-  """Options of "bitnet_qsparse" (the fields of "qsparse" but `rescale`)."""
+class SparsityOptions:
+  """The activation-sparsity fields shared by "qsparse" and "bitnet_qsparse"."""
   topk_ratio: float = 0.7     # fraction KEPT per token (0.7 = "70% top-K"); mode="topk"
   mode: str = "topk"          # "topk" | "nm" (block Q-Sparse: n of every m kept)
   n: int = 2
@@ -161,7 +208,7 @@ class BitQSparseOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class QSparseOptions(BitQSparseOptions):
+class QSparseOptions(SparsityOptions):
   """Options of "qsparse"."""
   rescale: bool = False       # L2 rescale of the kept entries (paper text; off in code)
 
@@ -171,16 +218,35 @@ class QSparseOptions(BitQSparseOptions):
           "False when mode='nm'")
 
 
+@dataclasses.dataclass(frozen=True)
+class BitNetOptions:
+  """Options of "bitnet"."""
+  weights: str = "latent"     # "latent" (train) | "ternary" (exported inference model)
+
+  def validate(self, prefix: str) -> None:
+    _check_weights(prefix, self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitQSparseOptions(SparsityOptions):
+  """Options of "bitnet_qsparse" (the fields of "qsparse" but `rescale`; `weights`)."""
+  weights: str = "latent"     # "latent" (train) | "ternary" (exported inference model)
+
+  def validate(self, prefix: str) -> None:
+    super().validate(prefix)
+    _check_weights(prefix, self.weights)
+
+
 @registry.register("linear", "qsparse", options=QSparseOptions)
 def build_qsparse(cfg, options: QSparseOptions, layer):
   del cfg, layer
   return functools.partial(SparseDense, **dataclasses.asdict(options))
 
 
-@registry.register("linear", "bitnet")
-def build_bitnet(cfg, options, layer):
-  del options, layer
-  return functools.partial(BitDense, norm_eps=cfg.norm_eps)
+@registry.register("linear", "bitnet", options=BitNetOptions)
+def build_bitnet(cfg, options: BitNetOptions, layer):
+  del layer
+  return functools.partial(BitDense, norm_eps=cfg.norm_eps, weights=options.weights)
 
 
 @registry.register("linear", "bitnet_qsparse", options=BitQSparseOptions)

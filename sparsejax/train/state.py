@@ -36,11 +36,12 @@ def split_variables(variables: dict) -> tuple[Any, dict]:
   return variables["params"], state
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"a/b/c": leaf} of a nested mapping."""
   if isinstance(tree, dict) or hasattr(tree, "items"):
     out = {}
     for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+      out.update(flatten_dict(v, f"{prefix}/{k}" if prefix else str(k)))
     return out
   return {prefix: tree}
 
@@ -55,4 +56,4 @@ def sown_metrics(collection: Any) -> dict[str, jax.Array]:
   """{"path/to/name": mean over the sown values} of the "metrics" collection."""
   return {name: jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in values]))
           if isinstance(values, tuple) else jnp.asarray(values, jnp.float32)
-          for name, values in _flatten(collection).items()}
+          for name, values in flatten_dict(collection).items()}

@@ -160,21 +160,42 @@ class TrainResult:
   metrics: dict[str, float]   # final val loss/bpb, tokens/s, step
 
 
+def restore_run(path: str, *, step: int | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[Config, TrainState, int]:
+  """(config, train state, step) of a run's checkpoint (the latest when step is None).
+
+  `path` is a training workdir or its `checkpoints/` directory. The state is placed on
+  `mesh` (default: all local devices on "data"), whatever mesh the run used.
+  """
+  directory = next((d for d in (os.path.join(path, "checkpoints"), path)
+                    if os.path.isdir(d)), None)
+  if directory is None:
+    raise FileNotFoundError(f"{path!r} is neither a training workdir (with "
+                            "checkpoints/) nor a checkpoint directory")
+  ckpt = Checkpointer(directory)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    config = parse_config({**ckpt.restore_config(step), "mesh": {}})
+    state, _ = ckpt.restore(step, Trainer(config, mesh=mesh).restore_target())
+  finally:
+    ckpt.close()
+  return config, state, int(step)
+
+
 def load_params(workdir: str, trainer: Trainer) -> Any:
   """Params of the latest checkpoint of the run in `workdir`, placed like `trainer`'s.
 
   The run may use another config (e.g. dense weights for a Q-Sparse continue-training
   run) as long as its parameter tree has the same paths and shapes.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  ckpt = Checkpointer(directory)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f"config.train.init_from={workdir!r} holds no checkpoint "
-                     f"(looked in {directory})")
-  saved = Trainer(parse_config(ckpt.restore_config(step)), mesh=trainer.mesh)
-  params = ckpt.restore(step, saved.restore_target())[0].params
-  ckpt.close()
+  try:
+    _, state, _ = restore_run(workdir, mesh=trainer.mesh)
+  except FileNotFoundError as e:
+    raise ValueError(f"config.train.init_from={workdir!r} holds no checkpoint ({e})"
+                     ) from None
+  params = state.params
   want = jax.tree.map(lambda a: (a.shape, a.dtype), trainer.abstract_state.params)
   have = jax.tree.map(lambda a: (a.shape, a.dtype), params)
   if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
