@@ -19,24 +19,37 @@ def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def plot_loss_curve(metrics_path: str, out_path: str, title: str = "") -> str:
-  """Train (per log interval) and val loss vs step from metrics.jsonl -> PNG."""
-  records = read_metrics(metrics_path)
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-  for split, style in (("train", "-"), ("val", "o-")):
-    points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
-    if points:
-      steps, losses = zip(*points)
-      ax.plot(steps, losses, style, label=f"{split} loss", markersize=4)
+def loss_points(metrics_path: str, split: str) -> tuple[list[int], list[float]]:
+  """(steps, losses) of one split's records in a metrics.jsonl."""
+  points = [(r["step"], r["loss"]) for r in read_metrics(metrics_path)
+            if r["split"] == split]
+  return tuple(map(list, zip(*points))) if points else ([], [])
+
+
+def plot_lines(lines: dict[str, tuple[list, list, str]], out_path: str, *, title: str,
+               ylabel: str = "cross-entropy (nats / byte)") -> str:
+  """{label: (steps, values, matplotlib style)} -> one PNG with a line per label."""
+  fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+  for label, (steps, values, style) in lines.items():
+    if steps:
+      ax.plot(steps, values, style, label=label, markersize=3)
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats / byte)")
-  ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(out_path))))
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
   fig.savefig(out_path)
   plt.close(fig)
   return out_path
+
+
+def plot_loss_curve(metrics_path: str, out_path: str, title: str = "") -> str:
+  """Train (per log interval) and val loss vs step of one run -> PNG."""
+  return plot_lines(
+      {f"{split} loss": (*loss_points(metrics_path, split), style)
+       for split, style in (("train", "-"), ("val", "o-"))}, out_path,
+      title=title or os.path.basename(os.path.dirname(os.path.abspath(out_path))))
 
 
 def write_report(workdir: str, *, config: dict, metrics: dict[str, float],

@@ -17,15 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sparsejax.train.config import parse_config  # noqa: E402
-from sparsejax.train.metrics import read_metrics  # noqa: E402
-from sparsejax.train.optim import param_path  # noqa: E402
-from sparsejax.train.trainer import train  # noqa: E402
+from sparsejax.train.config import parse_config
+from sparsejax.train.optim import param_path
+from sparsejax.train.report import loss_points, plot_lines
+from sparsejax.train.trainer import train
 
 SPARSITY_SUFFIX = "/act_sparsity"
 _EMBEDDING = re.compile(r"^(embedding|lm_head)$")
@@ -120,19 +116,8 @@ def markdown_table(results: list[VariantResult], baseline: str | None = None) ->
 def plot_curves(root: str, names: list[str], out_path: str, title: str,
                 split: str = "val") -> str:
   """Loss vs step of every variant (from their metrics.jsonl) in one PNG."""
-  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-  for name in names:
-    records = read_metrics(os.path.join(root, name, "metrics.jsonl"))
-    points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
-    if points:
-      steps, losses = zip(*points)
-      ax.plot(steps, losses, "o-" if split == "val" else "-", label=name, markersize=3)
-  ax.set_xlabel("step")
-  ax.set_ylabel(f"{split} cross-entropy (nats / byte)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out_path)
-  plt.close(fig)
-  return out_path
+  style = "o-" if split == "val" else "-"
+  return plot_lines({name: (*loss_points(os.path.join(root, name, "metrics.jsonl"),
+                                         split), style) for name in names},
+                    out_path, title=title,
+                    ylabel=f"{split} cross-entropy (nats / byte)")
