@@ -4,3 +4,4 @@ from sparsejax.ops.dispatch import get_default_impl, resolve_impl, set_default_i
 from sparsejax.ops.topk import nm_mask, nm_sparsify, topk_mask, topk_sparsify
 from sparsejax.ops.quant import absmax_quantize, fake_absmax, fake_ternary, ternary_quantize
 from sparsejax.ops.ternary_pack import pack_ternary, unpack_ternary
+from sparsejax.ops.moe import expert_load, moe_decode, moe_ffn, route, router_z_loss, switch_aux_loss, update_bias

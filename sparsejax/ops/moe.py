@@ -1,0 +1,262 @@
+"""Mixture-of-Experts math (see specs/moe.md): routers, balancing losses and dispatch.
+
+Shapes: T tokens, D model dim, E experts, k experts per token, F expert hidden dim.
+
+  route(logits [T,E], k)              -> weights f32 [T,k], experts int32 [T,k], scores [T,E]
+  switch_aux_loss(scores, experts, E) =  E · Σ_i f_i · P_i
+  router_z_loss(logits)               =  mean_t logsumexp(z_t)²
+  expert_load(experts, E)             =  f [E] (fraction of (token, slot) pairs per expert)
+  update_bias(b, load, γ)             =  b + γ · sign(mean(load) − load)
+  moe_ffn(x [T,D], weights, experts, w_gate [E,D,F] | None, w_up [E,D,F], w_down [E,F,D])
+                                      -> y [T,D], dropped_fraction f32 scalar
+  moe_decode(...)                     -> y [T,D] (reads only the k·T selected weight slices)
+
+Each expert is y_e(x) = W_down,e (act(W_gate,e x) ⊙ W_up,e x) (gated; SwiGLU with
+act = silu) or W_down,e act(W_up,e x) when w_gate is None, and the layer output is
+y(x) = Σ_{j<k} weights_j · y_{experts_j}(x). The dispatch implementations
+("loop" | "dropless" | "capacity", and `moe_decode`) compute the same y (forward and
+gradients) when no token is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SCORINGS = ("softmax", "sigmoid")
+IMPLS = ("loop", "dropless", "capacity", "decode")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": nn.silu, "relu2": lambda h: jnp.square(nn.relu(h)), "relu": nn.relu,
+    "gelu": nn.gelu,
+}
+
+Activation = str | Callable[[jax.Array], jax.Array]
+
+
+def _activation(activation: Activation) -> Callable[[jax.Array], jax.Array]:
+  if callable(activation):
+    return activation
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation={activation!r} must be a callable or one of "
+                     f"{sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[activation]
+
+
+# ----------------------------------------------------------------------------- routing
+
+def route(logits: jax.Array, k: int, *, scoring: str = "softmax",
+          bias: jax.Array | None = None, renormalize: bool = True
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k router: (weights f32 [T,k], experts int32 [T,k], scores f32 [T,E]).
+
+  logits z [T,E] (any leading dims allowed, flattened semantics per row).
+    softmax (Switch/GShard/Mixtral): s = softmax(z).
+    sigmoid (DeepSeek-V3):           s = sigmoid(z).
+  experts = top-k indices of (s + b) (b = `bias` [E], default 0; b only affects the
+  selection and receives no gradient); weights = s at the selected experts, divided by
+  their sum when `renormalize` (for softmax without bias this equals a softmax over the
+  top-k logits). Ties pick the lowest expert index (`jax.lax.top_k`).
+  """
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r} must be one of {SCORINGS}")
+  num_experts = logits.shape[-1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k={k} must be in [1, {num_experts}] for {num_experts} experts")
+  z = logits.astype(jnp.float32)
+  scores = jax.nn.softmax(z, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(z)
+  if bias is None:
+    weights, experts = jax.lax.top_k(scores, k)
+  else:
+    if bias.shape != (num_experts,):
+      raise ValueError(f"bias shape {bias.shape} must be ({num_experts},)")
+    selection = jax.lax.stop_gradient(scores) + jax.lax.stop_gradient(
+        bias.astype(jnp.float32))
+    _, experts = jax.lax.top_k(selection, k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, experts.astype(jnp.int32), scores
+
+
+def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
+  """f [E] f32: fraction of the (token, slot) assignments in experts [T,k] per expert
+  (sums to 1; uniform load = 1/E)."""
+  counts = jnp.sum(jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32),
+                   axis=0)
+  return counts / experts.size
+
+
+def switch_aux_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
+  """Switch/GShard load-balancing loss E · Σ_i f_i · P_i (= 1 at uniform routing).
+
+  f_i = fraction of the T·k (token, slot) assignments going to expert i (no gradient),
+  P_i = mean over tokens of the router probability scores [T,E] of expert i.
+  Hugging Face's `load_balancing_loss_func` counts f_i over tokens instead of slots
+  (Σ_i f_i = k), so it equals k × this value.
+  """
+  f = jax.lax.stop_gradient(expert_load(experts, num_experts))
+  p = jnp.mean(scores.reshape(-1, num_experts).astype(jnp.float32), axis=0)
+  return num_experts * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: mean over tokens of logsumexp(z)², logits [..., E]."""
+  lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.square(lse))
+
+
+def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing (DeepSeek-V3): b_i ← b_i + γ · sign(mean(load) − load_i).
+
+  Underloaded experts get a larger bias (selected more often), overloaded a smaller one.
+  Differences within 1e-6 · mean(load) (float rounding of an exactly average load)
+  count as 0.
+  """
+  load = load.astype(jnp.float32)
+  mean = jnp.mean(load)
+  diff = mean - load
+  sign = jnp.where(jnp.abs(diff) <= 1e-6 * jnp.abs(mean), 0.0, jnp.sign(diff))
+  return bias + rate * sign.astype(bias.dtype)
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+def _check_shapes(x, weights, experts, w_gate, w_up, w_down):
+  if x.ndim != 2:
+    raise ValueError(f"x must be [T, D], got shape {x.shape}")
+  t, d = x.shape
+  if weights.shape != experts.shape or weights.ndim != 2 or weights.shape[0] != t:
+    raise ValueError(f"weights {weights.shape} and experts {experts.shape} must both "
+                     f"be [T={t}, k]")
+  e, d_up, f = w_up.shape
+  if d_up != d or w_down.shape != (e, f, d) or (
+      w_gate is not None and w_gate.shape != w_up.shape):
+    raise ValueError(f"expert weights must be w_gate/w_up [E,D,F] and w_down [E,F,D] "
+                     f"with D={d}; got w_gate "
+                     f"{None if w_gate is None else w_gate.shape}, w_up {w_up.shape}, "
+                     f"w_down {w_down.shape}")
+
+
+def _loop(x, weights, experts, w_gate, w_up, w_down, act):
+  """Reference: per expert, gather its tokens (static size T, padded), apply, scatter."""
+  t = x.shape[0]
+  y = jnp.zeros(x.shape, jnp.float32)
+  for e in range(w_up.shape[0]):
+    hit = experts == e                                      # [T, k]
+    gate_w = jnp.sum(jnp.where(hit, weights, 0.0), axis=-1)  # [T]
+    chosen = jnp.any(hit, axis=-1)
+    (idx,) = jnp.nonzero(chosen, size=t, fill_value=0)
+    valid = jnp.arange(t) < jnp.sum(chosen)
+    xe = x[idx]
+    h = act(xe @ w_gate[e]) * (xe @ w_up[e]) if w_gate is not None else act(xe @ w_up[e])
+    ye = (h @ w_down[e]).astype(jnp.float32)
+    y = y.at[idx].add(ye * jnp.where(valid, gate_w[idx], 0.0)[:, None])
+  return y
+
+
+def _dropless(x, weights, experts, w_gate, w_up, w_down, act):
+  """Sort the T·k (token, slot) pairs by expert, grouped matmuls, unsort, combine."""
+  t, k = experts.shape
+  e = w_up.shape[0]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)                   # [T·k]
+  xs = x[order // k]                                       # [T·k, D] sorted by expert
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)   # [E]
+  up = jax.lax.ragged_dot(xs, w_up, sizes)
+  h = act(up) if w_gate is None else act(jax.lax.ragged_dot(xs, w_gate, sizes)) * up
+  out = jax.lax.ragged_dot(h, w_down, sizes)               # [T·k, D]
+  ys = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
+  return jnp.einsum("tk,tkd->td", weights, ys.astype(jnp.float32))
+
+
+def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+  """GShard expert capacity C = ceil(k · T / E · capacity_factor)."""
+  return max(1, math.ceil(k * num_tokens / num_experts * capacity_factor))
+
+
+def _capacity(x, weights, experts, w_gate, w_up, w_down, act, capacity_factor):
+  """GShard dispatch. Positions are a cumsum over the one-hot assignments in slot-major
+  order (every token's 1st choice, then every 2nd choice, ...); slots at position ≥ C
+  are dropped and contribute 0."""
+  t, k = experts.shape
+  e = w_up.shape[0]
+  c = capacity(t, k, e, capacity_factor)
+  onehot = jax.nn.one_hot(experts.T, e, dtype=jnp.int32)  # [k, T, E] slot-major
+  position = jnp.cumsum(onehot.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
+  position = jnp.sum(position * onehot, axis=-1).T          # [T, k]
+  keep = position < c                                      # [T, k]
+  slot = jax.nn.one_hot(jnp.where(keep, position, c), c, dtype=x.dtype)  # [T,k,C]
+  dispatch = jnp.einsum("tke,tkc->tec", jax.nn.one_hot(experts, e, dtype=x.dtype), slot)
+  combine = jnp.einsum("tke,tkc,tk->tec", jax.nn.one_hot(experts, e, dtype=jnp.float32),
+                       slot.astype(jnp.float32), weights)
+  xe = jnp.einsum("tec,td->ecd", dispatch, x)               # [E, C, D]
+  gate = None if w_gate is None else jnp.einsum("ecd,edf->ecf", xe, w_gate)
+  up = jnp.einsum("ecd,edf->ecf", xe, w_up)
+  h = act(up) if w_gate is None else act(gate) * up
+  out = jnp.einsum("ecf,efd->ecd", h, w_down)
+  y = jnp.einsum("tec,ecd->td", combine, out.astype(jnp.float32))
+  dropped = jnp.sum(~keep).astype(jnp.float32) / keep.size
+  return y, dropped
+
+
+def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array,
+            w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *,
+            activation: Activation = "silu", impl: str = "dropless",
+            capacity_factor: float = 1.25) -> tuple[jax.Array, jax.Array]:
+  """Routed experts: y [T,D] = Σ_j weights[t,j] · FFN_{experts[t,j]}(x_t), and the
+  fraction of (token, slot) pairs dropped (f32 scalar; 0 except for impl="capacity").
+
+  x [T,D]; weights f32 [T,k]; experts int [T,k]; w_gate, w_up [E,D,F] (w_gate None:
+  non-gated experts act(x W_up) W_down); w_down [E,F,D]. `activation` is a callable or
+  "silu" | "relu2" | "relu" | "gelu". impl:
+    loop      per expert: gather its tokens, apply, scatter-add (reference; slow).
+    dropless  sort (token, slot) by expert, `jax.lax.ragged_dot` grouped matmuls.
+    capacity  GShard: C = ceil(k·T/E · capacity_factor) slots per expert, one-hot
+              dispatch/combine einsums; overflowing slots are dropped (contribute 0).
+    decode    `moe_decode`: gathers the selected experts' weights per token.
+  Output dtype is x.dtype; the combine is done in float32.
+  """
+  _check_shapes(x, weights, experts, w_gate, w_up, w_down)
+  act = _activation(activation)
+  weights = weights.astype(jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
+  if impl == "loop":
+    y, dropped = _loop(x, weights, experts, w_gate, w_up, w_down, act), zero
+  elif impl == "dropless":
+    y, dropped = _dropless(x, weights, experts, w_gate, w_up, w_down, act), zero
+  elif impl == "capacity":
+    if not capacity_factor > 0:
+      raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+    y, dropped = _capacity(x, weights, experts, w_gate, w_up, w_down, act,
+                           capacity_factor)
+  elif impl == "decode":
+    return moe_decode(x, weights, experts, w_gate, w_up, w_down,
+                      activation=activation), zero
+  else:
+    raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+  return y.astype(x.dtype), dropped
+
+
+def moe_decode(x: jax.Array, weights: jax.Array, experts: jax.Array,
+               w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *,
+               activation: Activation = "silu") -> jax.Array:
+  """Small-batch (decode) path: y [T,D] reading only the T·k selected weight slices.
+
+  Gathers w[experts] → [T,k,D,F] / [T,k,F,D] and does per-(token, slot) matmuls:
+  h_tj = act(x_t W_gate[e_tj]) ⊙ x_t W_up[e_tj], y_t = Σ_j weights_tj · h_tj W_down[e_tj].
+  Memory traffic is T·k·3·D·F weights instead of E·3·D·F, so it wins when T·k < E.
+  """
+  _check_shapes(x, weights, experts, w_gate, w_up, w_down)
+  act = _activation(activation)
+  up = jnp.einsum("td,tkdf->tkf", x, w_up[experts])
+  if w_gate is None:
+    h = act(up)
+  else:
+    h = act(jnp.einsum("td,tkdf->tkf", x, w_gate[experts])) * up
+  out = jnp.einsum("tkf,tkfd->tkd", h, w_down[experts])
+  y = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), out.astype(jnp.float32))
+  return y.astype(x.dtype)
