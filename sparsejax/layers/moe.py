@@ -4,7 +4,7 @@
     config.model.ffn_options = dict(num_experts=8, top_k=2, d_expert=0, num_shared=0,
         scoring="softmax", renormalize=True, activation="swiglu", impl="auto",
         capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=1e-3,
-        bias_update_rate=0.0, log_expert_load=True)
+        bias_update_rate=0.0, log_expert_load=True, expert_parallel=False)
 
 y = Σ_shared FFN_s(x) + Σ_{i ∈ top-k} w_i · FFN_i(x), the routed experts computed by
 `sparsejax.ops.moe`. Variables (per block, under ".../ffn"):
@@ -28,6 +28,14 @@ Sown scalars:
             "dropped_fraction" (capacity impl), and "load_<i>" per expert (fraction of
             (token, slot) assignments; `log_expert_load=False` turns these off).
 
+Expert parallelism (`expert_parallel=True`, requires impl="capacity"): when the mesh
+set by `jax.set_mesh` (the trainer's) has an "expert" axis of size > 1, the routed
+experts run in `sparsejax.ops.moe_ep.moe_ffn_expert_parallel` (shard_map + all_to_all
+over "expert"; tokens split over `sparsejax.sharding.BATCH_AXES`; capacity per device
+from its local tokens: C = ceil(k·N_local/E · capacity_factor)). Without such a mesh
+(or when N tokens don't divide over the batch axes, or E over "expert") the local
+capacity impl runs (capacity from all N tokens of the call).
+
 The routed experts use plain einsum weights: a Q-Sparse/BitNet `linear` applies to the
 attention and shared-expert projections only.
 """
@@ -35,15 +43,18 @@ attention and shared-expert projections only.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax import sharding
 from sparsejax.layers import registry
 from sparsejax.layers.attention import output_init_std
 from sparsejax.layers.ffn import GatedFFN, relu_squared
 from sparsejax.ops import moe as moe_ops
+from sparsejax.ops import moe_ep
 from sparsejax.validation import check, check_choice
 
 ACTIVATIONS = {"swiglu": nn.silu, "relu2_glu": relu_squared}
@@ -70,6 +81,8 @@ class MoEOptions:
   z_loss_weight: float = 1e-3    # β of the router z-loss
   bias_update_rate: float = 0.0  # γ > 0: aux-loss-free balancing bias updates
   log_expert_load: bool = True   # sow per-expert load_<i> metrics
+  expert_parallel: bool = False  # shard_map/all_to_all experts over mesh axis "expert"
+                                 # (when its size > 1); requires impl="capacity"
 
   def validate(self, prefix: str = "config.model.ffn_options") -> None:
     check(self.num_experts >= 1, f"{prefix}.num_experts", self.num_experts, ">= 1")
@@ -84,6 +97,11 @@ class MoEOptions:
           "> 0")
     for name in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), ">= 0")
+    check(isinstance(self.expert_parallel, bool), f"{prefix}.expert_parallel",
+          self.expert_parallel, "a bool")
+    check(not self.expert_parallel or self.impl == "capacity",
+          f"{prefix}.expert_parallel", self.expert_parallel,
+          f'False unless impl="capacity" (impl={self.impl!r})')
 
   def resolved_d_expert(self, d_ff: int) -> int:
     return self.d_expert or max(1, d_ff // (self.top_k + self.num_shared))
@@ -95,6 +113,24 @@ def resolve_impl(impl: str, num_tokens: int, top_k: int, num_experts: int) -> st
   if impl != "auto":
     return impl
   return "decode" if num_tokens * top_k < num_experts else "dropless"
+
+
+def expert_parallel_mesh(num_tokens: int | None = None,
+                         num_experts: int | None = None
+                         ) -> jax.sharding.AbstractMesh | None:
+  """The current abstract mesh (`jax.set_mesh`) if it has an "expert" axis of size
+  > 1 (and, when given, `num_tokens` divides over the batch axes and `num_experts` over
+  "expert"), else None: expert parallelism then falls back to the local impl."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] <= 1:
+    return None
+  n_batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES
+                      if a in mesh.axis_names)
+  if num_tokens is not None and num_tokens % n_batch:
+    return None
+  if num_experts is not None and num_experts % mesh.shape["expert"]:
+    return None
+  return mesh
 
 
 class MoEFFN(nn.Module):
@@ -127,10 +163,18 @@ class MoEFFN(nn.Module):
         bias=bias.value if use_bias else None, renormalize=opt.renormalize)
     impl = resolve_impl(opt.impl, xt.shape[0], opt.top_k, e)
     dtype = cfg.dtype
-    y, dropped = moe_ops.moe_ffn(
-        xt.astype(dtype), weights, experts, w_gate.astype(dtype), w_up.astype(dtype),
-        w_down.astype(dtype), activation=ACTIVATIONS[opt.activation], impl=impl,
-        capacity_factor=opt.capacity_factor)
+    args = (xt.astype(dtype), weights, experts, w_gate.astype(dtype),
+            w_up.astype(dtype), w_down.astype(dtype))
+    mesh = expert_parallel_mesh(xt.shape[0], e) if opt.expert_parallel else None
+    if mesh is not None:
+      y, dropped = moe_ep.moe_ffn_expert_parallel(
+          *args, mesh=mesh, activation=ACTIVATIONS[opt.activation],
+          capacity_factor=opt.capacity_factor, axis="expert",
+          batch_axes=sharding.BATCH_AXES)
+    else:
+      y, dropped = moe_ops.moe_ffn(
+          *args, activation=ACTIVATIONS[opt.activation], impl=impl,
+          capacity_factor=opt.capacity_factor)
     y = y.reshape(x.shape)
 
     load = moe_ops.expert_load(experts, e)

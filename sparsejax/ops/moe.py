@@ -178,26 +178,46 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) 
   return max(1, math.ceil(k * num_tokens / num_experts * capacity_factor))
 
 
-def _capacity(x, weights, experts, w_gate, w_up, w_down, act, capacity_factor):
-  """GShard dispatch. Positions are a cumsum over the one-hot assignments in slot-major
-  order (every token's 1st choice, then every 2nd choice, ...); slots at position ≥ C
-  are dropped and contribute 0."""
+def capacity_dispatch(weights: jax.Array, experts: jax.Array, num_experts: int,
+                      cap: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """GShard dispatch/combine tensors for C = `cap` slots per expert.
+
+  Positions are a cumsum over the one-hot assignments in slot-major order (every
+  token's 1st choice, then every 2nd choice, ...); slots at position ≥ C are dropped.
+  Returns dispatch [T,E,C] (`dtype`, 0/1), combine f32 [T,E,C] (the routing weight of
+  the token at its slot) and keep bool [T,k].
+  """
   t, k = experts.shape
-  e = w_up.shape[0]
-  c = capacity(t, k, e, capacity_factor)
+  e, c = num_experts, cap
   onehot = jax.nn.one_hot(experts.T, e, dtype=jnp.int32)  # [k, T, E] slot-major
   position = jnp.cumsum(onehot.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
   position = jnp.sum(position * onehot, axis=-1).T          # [T, k]
   keep = position < c                                      # [T, k]
-  slot = jax.nn.one_hot(jnp.where(keep, position, c), c, dtype=x.dtype)  # [T,k,C]
-  dispatch = jnp.einsum("tke,tkc->tec", jax.nn.one_hot(experts, e, dtype=x.dtype), slot)
+  slot = jax.nn.one_hot(jnp.where(keep, position, c), c, dtype=dtype)  # [T,k,C]
+  dispatch = jnp.einsum("tke,tkc->tec", jax.nn.one_hot(experts, e, dtype=dtype), slot)
   combine = jnp.einsum("tke,tkc,tk->tec", jax.nn.one_hot(experts, e, dtype=jnp.float32),
-                       slot.astype(jnp.float32), weights)
-  xe = jnp.einsum("tec,td->ecd", dispatch, x)               # [E, C, D]
+                       slot.astype(jnp.float32), weights.astype(jnp.float32))
+  return dispatch, combine, keep
+
+
+def expert_ffn(xe: jax.Array, w_gate: jax.Array | None, w_up: jax.Array,
+               w_down: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Batched experts on dispatched tokens: xe [E,C,D] -> [E,C,D]."""
   gate = None if w_gate is None else jnp.einsum("ecd,edf->ecf", xe, w_gate)
   up = jnp.einsum("ecd,edf->ecf", xe, w_up)
   h = act(up) if w_gate is None else act(gate) * up
-  out = jnp.einsum("ecf,efd->ecd", h, w_down)
+  return jnp.einsum("ecf,efd->ecd", h, w_down)
+
+
+def _capacity(x, weights, experts, w_gate, w_up, w_down, act, capacity_factor):
+  """GShard dispatch (`capacity_dispatch`); slots at position ≥ C are dropped and
+  contribute 0."""
+  t, k = experts.shape
+  e = w_up.shape[0]
+  c = capacity(t, k, e, capacity_factor)
+  dispatch, combine, keep = capacity_dispatch(weights, experts, e, c, x.dtype)
+  xe = jnp.einsum("tec,td->ecd", dispatch, x)               # [E, C, D]
+  out = expert_ffn(xe, w_gate, w_up, w_down, act)
   y = jnp.einsum("tec,ecd->td", combine, out.astype(jnp.float32))
   dropped = jnp.sum(~keep).astype(jnp.float32) / keep.size
   return y, dropped
