@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices (before any JAX op) and small shared fixtures."""
 
+import contextlib
+import importlib.util
 import os
 
 import jax
@@ -31,3 +33,20 @@ def rng_seed(request):
   """A fresh seed per test (derived from the test id), so inputs differ across tests."""
   import zlib
   return zlib.crc32(request.node.nodeid.encode())
+
+
+@contextlib.contextmanager
+def experiment_module(name):
+  """Imports experiments/<name>.py for in-process tests and removes the absl flags it
+  defined afterwards (the scripts share flag names such as --repeats and --out)."""
+  from absl import flags
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    yield module
+  finally:
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)

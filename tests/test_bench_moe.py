@@ -1,23 +1,18 @@
 """Smoke test of experiments/bench_moe.py: its main() in-process on tiny sizes."""
 
-import importlib.util
 import json
-import os
 
 from absl import flags
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import experiment_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-  path = os.path.join(REPO, "experiments", "bench_moe.py")
-  spec = importlib.util.spec_from_file_location("bench_moe", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  with experiment_module("bench_moe") as module:
+    yield module
 
 
 def test_main_writes_jsonl_and_results_section(bench, tmp_path, capsys, monkeypatch):

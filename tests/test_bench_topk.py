@@ -1,23 +1,18 @@
 """Smoke test of experiments/bench_topk.py: its main() in-process on tiny sizes."""
 
-import importlib.util
 import json
-import os
 
 from absl import flags
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import experiment_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-  path = os.path.join(REPO, "experiments", "bench_topk.py")
-  spec = importlib.util.spec_from_file_location("bench_topk", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  with experiment_module("bench_topk") as module:
+    yield module
 
 
 def test_main_writes_jsonl_and_markdown(bench, tmp_path, capsys):

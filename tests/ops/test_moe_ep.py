@@ -174,6 +174,8 @@ def test_layer_expert_parallel_loss_and_grads_equal_local(monkeypatch):
   np.testing.assert_allclose(ce_ep, ce_lo, rtol=1e-5)
   np.testing.assert_allclose(aux_ep, aux_lo, rtol=1e-5)
   assert float(m_ep["block_0/ffn/dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(m_ep["block_0/ffn/load_max_over_mean"],
+                             m_lo["block_0/ffn/load_max_over_mean"], rtol=1e-6)
   flat_ep = jax.tree_util.tree_leaves_with_path(g_ep)
   flat_lo = dict(jax.tree_util.tree_leaves_with_path(g_lo))
   assert len(flat_ep) == len(flat_lo)

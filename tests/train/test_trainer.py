@@ -1,7 +1,6 @@
 """Trainer: learning, exact resume after interruption, NaN stop, aux losses, model state."""
 
 import dataclasses
-import json
 import os
 
 import chex
