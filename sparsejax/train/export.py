@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from sparsejax import sharding
 from sparsejax.models import DecoderLM, parse_model_config
@@ -43,7 +44,7 @@ from sparsejax.ops.quant import ternary_quantize
 from sparsejax.ops.ternary_pack import (FORMATS, bits_per_weight, check_packed,
                                         pack_ternary, unpack_ternary)
 from sparsejax.train.config import Config, config_to_dict, parse_config
-from sparsejax.train.state import flatten_dict, split_variables
+from sparsejax.train.state import split_variables
 from sparsejax.train.trainer import restore_run
 
 BITNET_LINEARS = ("bitnet", "bitnet_qsparse")
@@ -80,24 +81,13 @@ def ternary_model_config(config: Config) -> dict:
 
 # -------------------------------------------------------------------- tree helpers
 
-def _unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _abstract_variables(model_cfg: Any, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat {path: ShapeDtypeStruct} of DecoderLM(model_cfg)'s saved variables."""
   model = DecoderLM(model_cfg)
   tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
   params, model_state = split_variables(sharding.unbox(boxed))
-  return flatten_dict({"params": params, **model_state})
+  return traverse_util.flatten_dict({"params": params, **model_state}, sep="/")
 
 
 def _nbytes(x: Any) -> int:
@@ -132,7 +122,7 @@ def export_ternary(path: str, out_dir: str, *, format: str = "base3",
   config_dict = ternary_model_config(config)
   target = _abstract_variables(parse_model_config(config_dict["model"]),
                                config.data.seq_len)
-  latent = flatten_dict(variables)
+  latent = traverse_util.flatten_dict(variables, sep="/")
   quantize = jax.jit(ternary_quantize)
 
   arrays: dict[str, np.ndarray] = {}
@@ -285,7 +275,7 @@ def load_ternary(out_dir: str) -> tuple[DecoderLM, dict]:
                if k in flat and (flat[k].shape != v.shape or flat[k].dtype != v.dtype)]
   if problems:
     raise ValueError(f"{out_dir}: the export does not match its model: {problems}")
-  return model, _unflatten(flat)
+  return model, traverse_util.unflatten_dict(flat, sep="/")
 
 
 __all__ = ["export_ternary", "format_report", "load_ternary", "read_manifest",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.struct
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -36,16 +37,6 @@ def split_variables(variables: dict) -> tuple[Any, dict]:
   return variables["params"], state
 
 
-def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{"a/b/c": leaf} of a nested mapping."""
-  if isinstance(tree, dict) or hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(flatten_dict(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  return {prefix: tree}
-
-
 def sum_aux_losses(collection: Any) -> jax.Array:
   """Sum of every value sown into the "aux_loss" collection (0 when none)."""
   leaves = jax.tree.leaves(collection)
@@ -56,4 +47,4 @@ def sown_metrics(collection: Any) -> dict[str, jax.Array]:
   """{"path/to/name": mean over the sown values} of the "metrics" collection."""
   return {name: jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in values]))
           if isinstance(values, tuple) else jnp.asarray(values, jnp.float32)
-          for name, values in flatten_dict(collection).items()}
+          for name, values in traverse_util.flatten_dict(collection, sep="/").items()}
