@@ -37,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("norm", None),
     ("expert", "expert"),
+    ("memory_table", ("fsdp", "tensor", "expert")),   # sharded memory value tables
 )
 
 

@@ -65,6 +65,24 @@ class ModelConfig:
     return tuple(tuple(int(v) for v in pair.split(":"))
                  for pair in self.memory_layers.replace(" ", "").split(","))
 
+  def lr_multipliers(self, num_steps: int) -> dict:
+    """{param-path regex: multiplier or schedule} requested by the chosen components
+    (an options dataclass may define `lr_multipliers(num_steps)`, e.g. UltraMem's
+    value-LR 4 → 1 decay)."""
+    from sparsejax.layers import registry
+    import sparsejax.layers  # noqa: F401
+
+    groups = {}
+    for kind in registry.KINDS:
+      name = getattr(self, kind)
+      if kind == "memory" and name == "none":
+        continue
+      options = registry.parse_options(kind, name, getattr(self, f"{kind}_options"),
+                                       f"config.model.{kind}_options")
+      if hasattr(options, "lr_multipliers"):
+        groups.update(options.lr_multipliers(num_steps))
+    return groups
+
   def validate(self, prefix: str = "config.model") -> None:
     from sparsejax.layers import registry  # the layers register themselves on import
     import sparsejax.layers  # noqa: F401

@@ -5,3 +5,7 @@ from sparsejax.ops.topk import nm_mask, nm_sparsify, topk_mask, topk_sparsify
 from sparsejax.ops.quant import absmax_quantize, fake_absmax, fake_ternary, ternary_quantize
 from sparsejax.ops.ternary_pack import pack_ternary, unpack_ternary
 from sparsejax.ops.moe import expert_load, moe_decode, moe_ffn, route, router_z_loss, switch_aux_loss, update_bias
+from sparsejax.ops.memory import memory_lookup
+from sparsejax.ops.memory_sharded import memory_lookup_sharded
+from sparsejax.ops.product_keys import (implicit_value_expansion, pkm_retrieve, tdqkr_retrieve,
+                                        tucker_rank_one, tucker_singular_value_loss)

@@ -51,7 +51,9 @@ class Trainer:
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     self.model = DecoderLM(config.model)
-    self.tx, self.schedule = make_optimizer(config.optim, config.train.num_steps)
+    self.tx, self.schedule = make_optimizer(
+        config.optim, config.train.num_steps,
+        extra_multipliers=config.model.lr_multipliers(config.train.num_steps))
     with self.activate():
       boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
       self.state_shardings = sharding.tree_shardings(boxed, self.mesh)

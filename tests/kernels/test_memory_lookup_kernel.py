@@ -1,0 +1,218 @@
+"""Tests of pallas_kernels.memory_lookup: interpret mode vs the XLA reference, lowering.
+
+The TPU (Mosaic) kernels run with `interpret=pltpu.InterpretParams()`, the GPU (Triton)
+kernels with `interpret=True`. Shapes stay tiny: TPU interpret mode simulates every
+row DMA. Lowering tests lower forward and backward for ("tpu",) and ("cuda",) on a
+CPU-only jaxlib, which rejects unsupported primitives.
+"""
+
+import functools
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.memory_lookup import memory_lookup_kernel
+from pallas_kernels.memory_lookup.gpu import (lookup_dvalues_gpu, lookup_dweights_gpu,
+                                              lookup_fwd_gpu)
+from pallas_kernels.memory_lookup.tpu import CHUNK, ROW_TILE, TOKEN_TILE
+from sparsejax.ops.memory import (lookup_backward_reference, lookup_reference,
+                                  memory_lookup)   # the XLA reference (tests only)
+
+BACKENDS = ["tpu", "gpu"]
+
+
+def interpret_for(backend, **kw):
+  return pltpu.InterpretParams(**kw) if backend == "tpu" else True
+
+
+@pytest.fixture
+def key(request):
+  """A fresh PRNG key for every test and parametrization."""
+  return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
+
+
+def make_inputs(key, n, v, l, k, g, vdtype, wdtype, kind="normal"):
+  kv, ki, kw, kg, kd, kh = jax.random.split(key, 6)
+  values = jax.random.normal(kv, (n, v), jnp.float32).astype(vdtype)
+  indices = jax.random.randint(ki, (l, k), 0, n, jnp.int32)
+  if kind == "dups":        # every token repeats rows: few distinct rows per token
+    base = jax.random.randint(kh, (l, 1), 0, n - 2, jnp.int32)
+    indices = base + jax.random.randint(ki, (l, k), 0, 3, jnp.int32)
+  elif kind == "hot":       # ~3/4 of all lookups hit one row (several d_values chunks)
+    hot = jax.random.bernoulli(kh, 0.75, (l, k))
+    indices = jnp.where(hot, 7, indices)
+  weights = jax.random.normal(kw, (l, k), jnp.float32).astype(wdtype)
+  groups = jax.random.randint(kg, (l, k), 0, g, jnp.int32)
+  out_dtype = jnp.result_type(vdtype, wdtype)
+  d_out = jax.random.normal(kd, (l, g, v), jnp.float32).astype(out_dtype)
+  return values, indices, weights, groups, d_out
+
+
+def tol(dtype):
+  return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5,
+                                                                        atol=1e-5)
+
+
+def assert_close(x, y):
+  assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, x.shape, y.dtype, y.shape)
+  np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                             **tol(x.dtype))
+
+
+# (name, N, v, L, K, G, values dtype, weights dtype, kind): G=1 and G>1, f32 and bf16,
+# L not a multiple of the token tile (8), v not a multiple of 128 (48, 96), duplicate
+# rows within a token, a hot row with more lookups than a d_values chunk (64).
+CASES = [
+    ("f32_g1", 40, 96, 13, 5, 1, jnp.float32, jnp.float32, "normal"),
+    ("bf16_g3_dups", 24, 48, 10, 6, 3, jnp.bfloat16, jnp.bfloat16, "dups"),
+    ("f32_g2_hot_row", 64, 128, 24, 8, 2, jnp.float32, jnp.bfloat16, "hot"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,n,v,l,k,g,vdtype,wdtype,kind", CASES,
+                         ids=[c[0] for c in CASES])
+def test_matches_xla_reference(key, backend, name, n, v, l, k, g, vdtype, wdtype, kind):
+  values, indices, weights, groups, d_out = make_inputs(key, n, v, l, k, g, vdtype,
+                                                        wdtype, kind)
+  if kind == "hot":
+    assert int(jnp.sum(indices == 7)) > CHUNK
+  interp = interpret_for(backend)
+
+  @jax.jit
+  def run(values, weights, d_out):
+    f = lambda vals, w: memory_lookup_kernel(vals, indices, w, groups, g,
+                                             interpret=interp, backend=backend)
+    out, vjp = jax.vjp(f, values, weights)
+    return (out,) + vjp(d_out)
+
+  out, d_values, d_weights = run(values, weights, d_out)
+  assert_close(out, lookup_reference(values, indices, weights, groups, g))
+  ref_dv, ref_dw = lookup_backward_reference(values, indices, weights, groups, d_out)
+  assert_close(d_values, ref_dv)
+  assert_close(d_weights, ref_dw)
+  # Rows nobody looked up get exactly zero gradient.
+  untouched = np.setdiff1d(np.arange(n), np.asarray(indices))
+  assert np.all(np.asarray(d_values, np.float32)[untouched] == 0.0)
+
+
+def test_tpu_forward_no_races(key):
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+  values, indices, weights, groups, _ = make_inputs(key, 20, 64, TOKEN_TILE + 3, 4,
+                                                    2, jnp.float32, jnp.float32)
+  out = memory_lookup_kernel(values, indices, weights, groups, 2, backend="tpu",
+                             interpret=pltpu.InterpretParams(detect_races=True))
+  assert_close(out, lookup_reference(values, indices, weights, groups, 2))
+  assert ipc.races is not None and not ipc.races.races_found
+
+
+def test_gpu_column_chunks(key):
+  """Several Triton column chunks with a partial last one (v=48, BV=32)."""
+  values, indices, weights, groups, d_out = make_inputs(key, 12, 48, 5, 3, 3,
+                                                        jnp.float32, jnp.float32, "dups")
+
+  @jax.jit
+  def run(values, indices, weights, groups, d_out):
+    kw = dict(interpret=True, block=32)
+    return (lookup_fwd_gpu(values, indices, weights, groups, 3, **kw),
+            lookup_dvalues_gpu(values, indices, weights, groups, d_out, **kw),
+            lookup_dweights_gpu(values, indices, groups, d_out, **kw))
+
+  out, d_values, d_weights = run(values, indices, weights, groups, d_out)
+  assert_close(out, lookup_reference(values, indices, weights, groups, 3))
+  ref_dv, ref_dw = lookup_backward_reference(values, indices, weights, groups, d_out)
+  assert_close(d_values, ref_dv)
+  assert_close(d_weights, ref_dw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_memory_lookup_dispatch(key, backend, monkeypatch):
+  """sparsejax.ops.memory.memory_lookup(impl="interpret") == impl="xla" on [B, T, K]
+  (bf16 values with f32 weights)."""
+  import sparsejax.ops.memory as memory_ops
+  monkeypatch.setattr(memory_ops.jax, "default_backend",
+                      lambda: "gpu" if backend == "gpu" else "cpu")
+  kv, ki, kw, kg, kd = jax.random.split(key, 5)
+  b, t, k, g, n, v = 2, 5, 4, 3, 30, 64
+  values = jax.random.normal(kv, (n, v), jnp.float32).astype(jnp.bfloat16)
+  indices = jax.random.randint(ki, (b, t, k), 0, n)
+  weights = jax.random.normal(kw, (b, t, k), jnp.float32)
+  groups = jax.random.randint(kg, (b, t, k), 0, g)
+  d_out = jax.random.normal(kd, (b, t, g, v), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(impl):
+    f = lambda vals, w: memory_lookup(vals, indices, w, groups=groups, num_groups=g,
+                                      impl=impl)
+    out, vjp = jax.vjp(f, values, weights)
+    return (out,) + vjp(d_out)
+
+  for got, want in zip(run("interpret"), run("xla")):
+    assert_close(got, want)
+
+
+def test_errors():
+  v, i, w, g = jnp.ones((8, 16)), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2)), \
+      jnp.zeros((4, 2), jnp.int32)
+  with pytest.raises(ValueError, match="must be 2-D"):
+    memory_lookup_kernel(jnp.ones(8), i, w, g, 1, interpret=True)
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    memory_lookup_kernel(v.astype(jnp.float16), i, w, g, 1, interpret=True)
+  with pytest.raises(ValueError, match="must have the shape of indices"):
+    memory_lookup_kernel(v, i, jnp.ones((4, 3)), g, 1, interpret=True)
+  with pytest.raises(ValueError, match="num_groups=0"):
+    memory_lookup_kernel(v, i, w, g, 0, interpret=True)
+  with pytest.raises(ValueError, match="static int"):
+    memory_lookup_kernel(v, i, w, g, 1.5, interpret=True)
+  with pytest.raises(ValueError, match="indices must be integers"):
+    memory_lookup_kernel(v, w, w, g, 1, interpret=True)
+  with pytest.raises(ValueError, match="backend='cpu'"):
+    memory_lookup_kernel(v, i, w, g, 1, backend="cpu")
+
+
+def _custom_call_targets(lowered):
+  return set(re.findall(r"custom_call @([^\s(]+)\(", lowered.as_text()))
+
+
+def _fwd_bwd(backend, num_groups):
+  def f(values, indices, weights, groups, d_out):
+    fn = lambda vals, w: memory_lookup_kernel(vals, indices, w, groups, num_groups,
+                                              backend=backend)
+    out, vjp = jax.vjp(fn, values, weights)
+    return (out,) + vjp(d_out)
+  return jax.jit(f)
+
+
+def _lowering_args(dtype, n=300, v=256, l=40, k=8, g=4):
+  s = jax.ShapeDtypeStruct
+  return (s((n, v), dtype), s((l, k), jnp.int32), s((l, k), dtype), s((l, k), jnp.int32),
+          s((l, g, v), dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_lowering(dtype):
+  lowered = _fwd_bwd("tpu", 4).trace(*_lowering_args(dtype)).lower(
+      lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in _custom_call_targets(lowered)
+  text = lowered.as_text()
+  for name in ("fwd", "dvalues", "dweights"):
+    assert f"memory_lookup_{name}_tpu" in text
+  assert ROW_TILE % 16 == 0 and TOKEN_TILE == 8
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_lowering(dtype):
+  assert pltriton.CompilerParams(num_warps=4).num_warps == 4
+  lowered = _fwd_bwd("gpu", 4).trace(*_lowering_args(dtype, v=1000)).lower(
+      lowering_platforms=("cuda",))
+  assert "__gpu$xla.gpu.triton" in _custom_call_targets(lowered)
+  text = lowered.as_text()
+  assert "num_warps = 4" in text
+  for name in ("fwd", "dvalues", "dweights"):
+    assert f"memory_lookup_{name}_gpu" in text
