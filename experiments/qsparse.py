@@ -1,6 +1,6 @@
 """Q-Sparse and BitNet b1.58 at small scale: dense vs top-K 70/50/30% vs ternary weights.
 
-Trains every variant from the same base config (experiments/configs/default.py) for the
+Trains every variant from the same base config (experiments/configs/dense.py) for the
 same steps and tokens on the embedded corpus, then writes a table (val loss,
 bits-per-byte, measured activation sparsity, activated params per token) and the val
 curves to --workdir; --record appends the table to benchmarks/RESULTS.md.
@@ -46,7 +46,7 @@ VARIANTS = {
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                           "default.py"), "Base config shared by every variant.")
+                           "dense.py"), "Base config shared by every variant.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/qsparse_repro", "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every variant.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")

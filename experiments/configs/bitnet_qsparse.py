@@ -12,11 +12,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  (the sibling config file)
+import dense  # noqa: E402  (the sibling config file)
 
 
 def get_config():
-  config = default.get_config()
+  config = dense.get_config()
   config.model.update(
       linear="bitnet_qsparse", ffn="relu2_glu",
       linear_options=dict(topk_ratio=0.7, mode="topk", n=2, m=4, impl="auto"))

@@ -9,18 +9,18 @@ block_0/ffn/load_3; the Switch aux loss (α=0.01) and router z-loss (β=1e-3) ar
 aux_loss. Variants: --config.model.ffn_options.impl=capacity (GShard dropping, see
 block_*/ffn/dropped_fraction), --config.model.ffn_options.scoring=sigmoid
 --config.model.ffn_options.bias_update_rate=1e-3 --config.model.ffn_options.aux_loss_weight=0
-(DeepSeek-V3 aux-loss-free balancing). Compare with the dense baseline (default.py).
+(DeepSeek-V3 aux-loss-free balancing). Compare with the dense baseline (dense.py).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  (the sibling config file)
+import dense  # noqa: E402  (the sibling config file)
 
 
 def get_config():
-  config = default.get_config()
+  config = dense.get_config()
   config.model.update(
       ffn="moe",
       ffn_options=dict(num_experts=8, top_k=2, d_expert=0, num_shared=0,

@@ -6,18 +6,18 @@ params per token (4 routed + 1 shared) ≈ the dense default's.
 
 Add DeepSeek-V3 routing with --config.model.ffn_options.scoring=sigmoid
 --config.model.ffn_options.bias_update_rate=1e-3 --config.model.ffn_options.aux_loss_weight=0.
-Compare with moe.py (8 experts top-2) and the dense baseline (default.py).
+Compare with moe.py (8 experts top-2) and the dense baseline (dense.py).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  (the sibling config file)
+import dense  # noqa: E402  (the sibling config file)
 
 
 def get_config():
-  config = default.get_config()
+  config = dense.get_config()
   config.model.update(
       ffn="moe",
       ffn_options=dict(num_experts=16, top_k=4, d_expert=0, num_shared=1,

@@ -6,18 +6,18 @@ entries kept) at the input of every attention/FFN projection and a ReLU²-GLU FF
 Vary the kept fraction with --config.model.linear_options.topk_ratio=0.5, or use block
 Q-Sparse with --config.model.linear_options.mode=nm (n:m = 2:4). Per-projection
 sparsity is logged as e.g. block_0/attention/q_proj/act_sparsity. Compare with the dense
-baseline (default.py; add --config.model.ffn=relu2_glu for the same FFN).
+baseline (dense.py; add --config.model.ffn=relu2_glu for the same FFN).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  (the sibling config file)
+import dense  # noqa: E402  (the sibling config file)
 
 
 def get_config():
-  config = default.get_config()
+  config = dense.get_config()
   config.model.update(
       linear="qsparse", ffn="relu2_glu",
       linear_options=dict(topk_ratio=0.7, mode="topk", n=2, m=4, rescale=False,

@@ -7,11 +7,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  (the sibling config file)
+import dense  # noqa: E402  (the sibling config file)
 
 
 def get_config():
-  config = default.get_config()
+  config = dense.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
   config.data.update(seq_len=32, batch_size=8)
   config.optim.update(warmup_steps=2)
