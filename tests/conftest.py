@@ -1,10 +1,18 @@
-"""Test setup: 8 fake CPU devices (before any JAX op) and small shared fixtures."""
+"""Test setup: 8 fake CPU devices (before any JAX op) and small shared fixtures.
+
+Tests compile hundreds of tiny XLA programs and run each a few times, so XLA:CPU's
+LLVM optimization is turned off (`--xla_backend_optimization_level=0`): it halves the
+suite's time. Subprocesses (the CLI end-to-end tests, notebook kernels) inherit it.
+"""
 
 import contextlib
 import importlib.util
 import os
 
-import jax
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

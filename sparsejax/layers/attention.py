@@ -1,7 +1,22 @@
-"""Causal multi-head attention with GQA, RoPE and a KV cache: the "mha" attention entry."""
+"""Multi-head attention with GQA, RoPE and a KV cache: the "mha" (dense causal) and
+"block_sparse" (static structured mask, `sparsejax.ops.block_sparse_attention`)
+attention entries.
+
+    config.model.attention = "block_sparse"
+    config.model.attention_options = dict(pattern="local_global", window=64,
+                                          num_global=4, block_q=64, block_kv=64)
+
+Patterns (all causal; `sparsejax.ops.masks`): "causal"; "local" (the last `window`
+keys incl. itself); "local_global" (local plus the first `num_global` sink tokens);
+"strided" (Sparse Transformer: the last `window` keys plus every `stride`-th earlier
+key); "chunked" (causal within chunks of `window`). Training and prefill run the
+block-sparse op (empty blocks skipped); cached decoding applies the same mask's
+predicate to the absolute positions, so generation sees exactly the trained pattern.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -11,6 +26,41 @@ import jax.numpy as jnp
 
 from sparsejax.layers import registry
 from sparsejax.ops import attention as attention_ops
+from sparsejax.ops import masks as masks_lib
+from sparsejax.ops.block_sparse_attention import block_sparse_attention
+from sparsejax.ops.dispatch import IMPLS
+from sparsejax.validation import check, check_choice
+
+PATTERNS = ("causal", "local", "local_global", "strided", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseOptions:
+  """Options of the "block_sparse" attention (`config.model.attention_options`)."""
+  pattern: str = "local_global"
+  window: int = 64          # local band (local, local_global, strided) or chunk size
+  num_global: int = 4       # sink tokens (local_global)
+  stride: int = 16          # strided
+  block_q: int = 64         # kernel / block-gather tile sizes (clamped to the length)
+  block_kv: int = 64
+  impl: str = "auto"        # block_sparse_attention impl (ops.dispatch.IMPLS)
+
+  def validate(self, prefix: str = "config.model.attention_options") -> None:
+    check_choice(f"{prefix}.pattern", self.pattern, PATTERNS)
+    for name in ("window", "num_global", "stride", "block_q", "block_kv"):
+      check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), ">= 1")
+    check_choice(f"{prefix}.impl", self.impl, IMPLS)
+
+  def mask(self) -> masks_lib.Mask:
+    causal = masks_lib.CausalMask()
+    local = masks_lib.LocalMask(self.window - 1)
+    return {
+        "causal": causal,
+        "local": local,
+        "local_global": (local | masks_lib.GlobalMask(self.num_global)) & causal,
+        "strided": masks_lib.StridedMask(self.stride, self.window),
+        "chunked": masks_lib.ChunkedCausalMask(self.window),
+    }[self.pattern]
 
 
 def linear_factory(cfg, layer: int):
@@ -34,6 +84,7 @@ class Attention(nn.Module):
   """
   cfg: object
   layer: int = 0
+  options: BlockSparseOptions | None = None   # None: dense causal ("mha")
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, decode: bool = False):
@@ -55,7 +106,7 @@ class Attention(nn.Module):
         self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
         self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      out = attention_ops.causal_attention(q, k, v)
+      out = self._attend(q, k, v)
     return linear((cfg.d_model,), ("heads", "head_dim", "embed"), contract_dims=2,
                   init_std=output_init_std(cfg), name="o_proj")(out)
 
@@ -67,11 +118,29 @@ class Attention(nn.Module):
     key.value = jax.lax.dynamic_update_slice_in_dim(key.value, k, start, axis=1)
     value.value = jax.lax.dynamic_update_slice_in_dim(value.value, v, start, axis=1)
     index.value = start + q.shape[1]
-    return attention_ops.causal_attention(q, key.value, value.value,
-                                          q_positions=positions, kv_length=index.value)
+    if self.options is None:
+      return attention_ops.causal_attention(q, key.value, value.value,
+                                            q_positions=positions, kv_length=index.value)
+    key_pos = jnp.arange(key.value.shape[1])
+    allowed = self.options.mask().predicate(positions[:, :, None], key_pos[None, None, :])
+    allowed &= key_pos[None, None, :] < index.value
+    return jax.nn.dot_product_attention(q, key.value, value.value, mask=allowed[:, None])
+
+  def _attend(self, q, k, v):
+    """Training / prefill attention over this call's T tokens (positions 0..T-1)."""
+    if self.options is None:
+      return attention_ops.causal_attention(q, k, v)
+    opt, t = self.options, q.shape[1]
+    return block_sparse_attention(q, k, v, opt.mask(), block_q=min(opt.block_q, t),
+                                  block_kv=min(opt.block_kv, t), impl=opt.impl)
 
 
 @registry.register("attention", "mha")
 def build_mha(cfg, options, layer):
   del options
   return Attention(cfg, layer, name="attention")
+
+
+@registry.register("attention", "block_sparse", options=BlockSparseOptions)
+def build_block_sparse(cfg, options: BlockSparseOptions, layer):
+  return Attention(cfg, layer, options, name="attention")

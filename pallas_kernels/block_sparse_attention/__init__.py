@@ -1,0 +1,206 @@
+"""Block-sparse flash attention kernels: TPU (Mosaic), GPU (Triton), with a custom_vjp.
+
+`block_sparse_attention_kernel(q, k, v, <mask tables>, scale=, block_q=, block_kv=)`
+computes, for query head h reading kv head h // G (GQA, Hq = G · Hkv),
+
+    out[b, h, t] = Σ_s P[b, h, t, s] · v[b, h // G, s]
+    P[b, h, t, :] = softmax_s(scale · q[b, h, t] · k[b, h // G, s] | allowed_h[t, s])
+
+in f32 (online softmax, finite mask value), out [B, Hq, T, Dv] in q.dtype. Layout is
+heads-major: q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (the op
+`sparsejax.ops.block_sparse_attention` transposes from [B, T, H, D]). A query row with
+no allowed key gives exactly 0 output and zero gradients.
+
+The mask arrives as plain block tables (this package imports nothing from sparsejax;
+they are the fields of `sparsejax.ops.masks.MaskInfo`, Hm = 1 or Hq mask heads):
+    kv_blocks int32 [Hm, nq, M]   non-empty kv blocks per q block (CSR, padded by
+                                  repeating the last valid index), kv_counts [Hm, nq];
+    block_kind int8 [Hm, nq, nkv] 0 empty / 1 partial / 2 full;
+    partial_masks bool [P, bq, bkv] deduplicated partial tiles, partial_index int32
+                                  [Hm, nq, nkv] (-1 where not partial);
+    q_blocks int32 [Hm, nkv, Mt]  transposed CSR (non-empty q blocks per kv block),
+                                  q_counts [Hm, nkv].
+From them the wrapper derives per-slot tables (kind and tile index of every CSR slot;
+non-partial slots repeat the previous partial tile's index so the TPU pipeline issues
+no new mask DMA). Empty blocks are never visited; full blocks are not masked; partial
+blocks apply the stored tile.
+
+Backward (`jax.custom_vjp`): the forward saves out and LSE [B, Hq, T]; di = Σ(do · out)
+is computed in XLA; a dq kernel walks the CSR per q block, a dk/dv kernel walks the
+transposed CSR per kv block and sums the G query heads of a group *inside* the kernel
+(dk, dv are written once per kv head, no [B, Hq, S, D] intermediate).
+
+Roofline (nnz = allowed (q, k) pairs per head, b = bytes per element, V = visited
+blocks summed over heads (Σ kv_counts · B), each bq·bkv):
+    FLOPs_fwd = 2 · B · Hq · nnz · (D + Dv) useful;
+              executed 2 · V · bq · bkv · (D + Dv) (full tiles of partial blocks);
+    FLOPs_bwd ≈ 2.5 × FLOPs_fwd (dq: q·kᵀ, do·vᵀ, ds·k; dkv: q·kᵀ, do·vᵀ, pᵀ·do,
+              dsᵀ·q — q·kᵀ and do·vᵀ are recomputed in both kernels);
+    bytes_fwd ideal = B · (Hq·T + Hkv·S) · (D + Dv) · b + 4·B·Hq·T (LSE);
+    bytes_fwd moved = B·Hq·T·(D + Dv)·b + V·bkv·(D + Dv)·b + mask tiles (≤ V·bq·bkv·4,
+              only when the tile index changes): K/V blocks are re-read once per
+              visited (q block, q head) — no K/V sharing across the G heads of a group
+              in the forward and dq kernels (dk/dv loads each K/V block once);
+    block efficiency = Σ nnz / (V · bq · bkv) (`MaskInfo.block_efficiency`).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention.gpu import (bsa_dkv_gpu, bsa_dq_gpu,
+                                                       bsa_fwd_gpu)
+from pallas_kernels.block_sparse_attention.tpu import (MASK_VALUE, bsa_dkv_tpu,
+                                                       bsa_dq_tpu, bsa_fwd_tpu)
+
+BACKENDS = ("tpu", "gpu")
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _default_backend() -> str:
+  return "gpu" if jax.default_backend() == "gpu" else "tpu"
+
+
+def _pow2(n: int) -> bool:
+  return n >= 1 and not n & (n - 1)
+
+
+def _check(q, k, v, tables, block_q, block_kv, backend):
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be 4-D [batch, heads, seq, dim], got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  b, hq, t, d = q.shape
+  _, hkv, s, _ = k.shape
+  if k.shape[0] != b or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not match "
+                     "q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]")
+  if hq % hkv:
+    raise ValueError(f"q heads Hq={hq} must be a multiple of kv heads Hkv={hkv}")
+  for x, name in ((q, "q"), (k, "k"), (v, "v")):
+    if x.dtype not in [jnp.dtype(dt) for dt in SUPPORTED_DTYPES]:
+      raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}")
+  for name, blk, size in (("block_q", block_q, t), ("block_kv", block_kv, s)):
+    if not isinstance(blk, int) or blk < 1 or size % blk:
+      raise ValueError(f"{name}={blk!r} must be an int >= 1 dividing the sequence "
+                       f"length {size}")
+  if backend == "gpu":
+    for name, n in (("block_q", block_q), ("block_kv", block_kv), ("D", d),
+                    ("Dv", v.shape[3])):
+      if n < 16 or not _pow2(n):
+        raise ValueError(f"{name}={n} must be a power of two >= 16 for the Triton "
+                         "kernel (pl.dot tiles)")
+  kv_blocks, kv_counts, block_kind, partial_masks, partial_index, q_blocks, q_counts = \
+      tables
+  nq, nkv = t // block_q, s // block_kv
+  hm = block_kind.shape[0]
+  if hm not in (1, hq):
+    raise ValueError(f"mask tables have {hm} heads; need 1 or Hq={hq}")
+  want = {"block_kind": (hm, nq, nkv), "partial_index": (hm, nq, nkv),
+          "kv_counts": (hm, nq), "q_counts": (hm, nkv)}
+  got = {"block_kind": block_kind.shape, "partial_index": partial_index.shape,
+         "kv_counts": kv_counts.shape, "q_counts": q_counts.shape}
+  for name, shape in want.items():
+    if tuple(got[name]) != shape:
+      raise ValueError(f"{name} has shape {tuple(got[name])}, expected {shape} for "
+                       f"T={t}, S={s}, block_q={block_q}, block_kv={block_kv}")
+  if kv_blocks.shape[:2] != (hm, nq) or q_blocks.shape[:2] != (hm, nkv):
+    raise ValueError(f"kv_blocks {kv_blocks.shape} / q_blocks {q_blocks.shape} must "
+                     f"start with {(hm, nq)} / {(hm, nkv)}")
+  if partial_masks.ndim != 3 or partial_masks.shape[1:] != (block_q, block_kv):
+    raise ValueError(f"partial_masks {partial_masks.shape} must be [P, {block_q}, "
+                     f"{block_kv}]")
+
+
+def _slot_tables(blocks, counts, kind, pidx):
+  """Per CSR slot: (kind int32 [Hm, R, M] (0 past the count), tile index int32).
+
+  `kind` / `pidx` are [Hm, R, C] with R the CSR's row axis. The tile index of a slot
+  that is not partial repeats the row's previous partial tile (0 before the first), so
+  the TPU mask BlockSpec keeps its block and issues no DMA.
+  """
+  m = blocks.shape[-1]
+  slot = jnp.arange(m, dtype=jnp.int32)
+  valid = slot < counts[..., None]
+  skind = jnp.where(valid, jnp.take_along_axis(kind, blocks, -1), 0).astype(jnp.int32)
+  spidx = jnp.take_along_axis(pidx, blocks, -1).astype(jnp.int32)
+  last = lax.cummax(jnp.where(skind == 1, slot, -1), axis=2)
+  smask = jnp.where(last >= 0, jnp.take_along_axis(spidx, jnp.maximum(last, 0), -1), 0)
+  return skind, smask.astype(jnp.int32)
+
+
+def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
+                                  partial_masks, partial_index, q_blocks, q_counts, *,
+                                  scale: float, block_q: int, block_kv: int,
+                                  interpret=False, backend: str | None = None):
+  """Block-sparse attention, differentiable in q, k, v (see the module docstring).
+
+  Args:
+    q: [B, Hq, T, D]; k: [B, Hkv, S, D]; v: [B, Hkv, S, Dv] (float32 / bfloat16).
+    kv_blocks, kv_counts, block_kind, partial_masks, partial_index, q_blocks,
+      q_counts: the mask's block tables (`sparsejax.ops.masks.MaskInfo` fields for
+      the same block_q / block_kv), NumPy or jax arrays.
+    scale: logit scale (static float).
+    block_q, block_kv: tile sizes (TPU: multiples of 8 / 128 run best; GPU: powers of
+      two >= 16, as are D and Dv).
+    interpret: interpret mode for CPU tests (True, or a `pltpu.InterpretParams`).
+    backend: "tpu" or "gpu"; default by `jax.default_backend()`.
+
+  Returns:
+    out [B, Hq, T, Dv] in q.dtype.
+  """
+  q, k, v = map(jnp.asarray, (q, k, v))
+  backend = _default_backend() if backend is None else backend
+  raw = (kv_blocks, kv_counts, block_kind, partial_masks, partial_index, q_blocks,
+         q_counts)
+  raw = tuple(x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
+              for x in raw)
+  _check(q, k, v, raw, block_q, block_kv, backend)
+  kv_blocks, kv_counts, block_kind, partial_masks, partial_index, q_blocks, q_counts = \
+      (jnp.asarray(x) for x in raw)
+  kv_blocks, q_blocks = kv_blocks.astype(jnp.int32), q_blocks.astype(jnp.int32)
+  kv_counts, q_counts = kv_counts.astype(jnp.int32), q_counts.astype(jnp.int32)
+  kind = block_kind.astype(jnp.int32)
+  pidx = partial_index.astype(jnp.int32)
+  fkind, fmask = _slot_tables(kv_blocks, kv_counts, kind, pidx)
+  tkind, tmask = _slot_tables(q_blocks, q_counts, jnp.swapaxes(kind, 1, 2),
+                              jnp.swapaxes(pidx, 1, 2))
+  tiles = partial_masks.astype(jnp.int32)
+  fwd_tables = (kv_blocks, kv_counts, fkind, fmask)
+  bwd_tables = (q_blocks, q_counts, tkind, tmask)
+  kw = dict(scale=float(scale), block_q=block_q, block_kv=block_kv)
+  if backend == "tpu":
+    fwd, dq_fn, dkv_fn = bsa_fwd_tpu, bsa_dq_tpu, bsa_dkv_tpu
+  else:
+    fwd, dq_fn, dkv_fn = bsa_fwd_gpu, bsa_dq_gpu, bsa_dkv_gpu
+    interpret = bool(interpret)
+
+  @jax.custom_vjp
+  def attn(q, k, v, tables):
+    return fwd(q, k, v, *tables[0], tables[2], interpret=interpret, **kw)[0]
+
+  def attn_fwd(q, k, v, tables):
+    out, lse = fwd(q, k, v, *tables[0], tables[2], interpret=interpret, **kw)
+    return out, (q, k, v, out, lse, tables)
+
+  def attn_bwd(res, d_out):
+    q, k, v, out, lse, tables = res
+    di = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+    d_out = d_out.astype(q.dtype)
+    dq = dq_fn(q, k, v, d_out, lse, di, *tables[0], tables[2], interpret=interpret,
+               **kw)
+    dk, dv = dkv_fn(q, k, v, d_out, lse, di, *tables[1], tables[2],
+                    interpret=interpret, **kw)
+    return dq, dk, dv, None            # the integer tables get no cotangent
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn(q, k, v, (fwd_tables, bwd_tables, tiles))
+
+
+__all__ = ["block_sparse_attention_kernel", "bsa_fwd_tpu", "bsa_dq_tpu", "bsa_dkv_tpu",
+           "bsa_fwd_gpu", "bsa_dq_gpu", "bsa_dkv_gpu", "BACKENDS", "MASK_VALUE",
+           "SUPPORTED_DTYPES"]

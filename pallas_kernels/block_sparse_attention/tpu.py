@@ -1,0 +1,317 @@
+"""Block-sparse flash attention: TPU (Mosaic) kernels (forward, dq, dk/dv).
+
+Layout q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]; query head h reads kv
+head h // G. Mask tables (see `__init__`): per-slot CSR tables, flattened to 1-D int32
+and scalar-prefetched into SMEM; the partial tiles [P, bq, bkv] (int32) are a VMEM
+input whose BlockSpec index is the slot's tile index (unchanged across non-partial
+slots, so no re-DMA). Hm = 1 (shared mask) or Hq (per-head mask) table heads.
+
+Forward (`bsa_fwd_tpu`): grid (B, Hq, nq, M) with M = max non-empty kv blocks per q
+block, semantics (parallel, parallel, parallel, arbitrary). Step (b, h, i, j) reads kv
+block kv_blocks[h, i, j] through the K/V BlockSpec index map (padded slots repeat the
+last block, so the pipeline issues no DMA for them) and does nothing unless the slot
+is valid (`pl.when(kind > 0)`). Full blocks run the unmasked online-softmax update,
+partial blocks mask the logits with the stored tile. m, l [bq, 1] and acc [bq, Dv] are
+f32 VMEM scratch; the output block (b, h, i) is revisited only on the consecutive
+steps j and written at j = M - 1, with LSE [B, Hq, T, 1] (f32; +0.7·f32max for a row
+with no allowed key, whose output is 0).
+
+dq (`bsa_dq_tpu`): the forward's grid and tables; p = exp(s - lse) (masked),
+ds = p ⊙ (do·vᵀ - di), dq += ds·k in an f32 scratch, written at j = M - 1.
+dk/dv (`bsa_dkv_tpu`): grid (B, Hkv, nkv, G, Mt) over the transposed CSR (q blocks per
+kv block, Mt slots); for kv head c the G query heads h = c·G + g and their q blocks are
+consecutive steps, so the dk/dv blocks (b, c, j) are revisited only consecutively and
+the GQA group sum happens in the f32 scratch (written once per kv block).
+
+Roofline: see the package docstring (FLOPs 2·B·Hq·nnz·(D + Dv) forward, ≈ 2.5× that
+backward; K/V re-read once per visited (q block, q head); block efficiency
+nnz / (visited · bq · bkv)). Mask tiles cost ≤ bq·bkv·4 bytes per change of tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# Finite "minus infinity" (as sparsejax.ops.block_sparse_attention.MASK_VALUE).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+EMPTY_LSE = -MASK_VALUE              # LSE of a row with no allowed key: exp(s - lse) = 0
+FULL, PARTIAL = 2, 1
+_HIGHEST = lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))       # a · bᵀ
+
+
+def _interpret_params(interpret):
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def _dot_nt(a, b):
+  return lax.dot_general(a, b, _NT, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _mhead(h, per_head):
+  return h if per_head else 0
+
+
+def _fwd_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, scale, nq, m_slots, per_head):
+  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  kind = kind_ref[(_mhead(h, per_head) * nq + i) * m_slots + j]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  def update(masked):
+    q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
+    s = _dot_nt(q, k) * scale                                         # [bq, bkv]
+    if masked:
+      allowed = pm_ref[0] != 0
+      s = jnp.where(allowed, s, MASK_VALUE)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m_new)
+    if masked:
+      p = jnp.where(allowed, p, 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
+    m_sc[...] = m_new
+
+  pl.when(kind == FULL)(lambda: update(False))
+  pl.when(kind == PARTIAL)(lambda: update(True))
+
+  @pl.when(j == m_slots - 1)
+  def _finish():
+    l = l_sc[...]
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    o_ref[0, 0] = (acc_sc[...] / safe_l).astype(o_ref.dtype)
+    lse_ref[0, 0] = jnp.where(empty, EMPTY_LSE, m_sc[...] + jnp.log(safe_l))
+
+
+def _fwd_specs(g, nq, m_slots, per_head):
+  """Index maps of the (B, Hq, nq, M) grid: q/out, K/V (CSR block), mask tile."""
+  def slot(h, i, j):
+    return (_mhead(h, per_head) * nq + i) * m_slots + j
+
+  q_map = lambda b, h, i, j, blk, kind, tile: (b, h, i, 0)
+  kv_map = lambda b, h, i, j, blk, kind, tile: (b, lax.div(h, g), blk[slot(h, i, j)], 0)
+  pm_map = lambda b, h, i, j, blk, kind, tile: (tile[slot(h, i, j)], 0, 0)
+  return q_map, kv_map, pm_map
+
+
+def bsa_fwd_tpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, scale,
+                block_q, block_kv, interpret=False):
+  """Forward: -> (out [B, Hq, T, Dv] q.dtype, lse f32 [B, Hq, T, 1]). No autodiff."""
+  del kv_counts                                  # slot_kind is 0 past the count
+  b, hq, t, d = q.shape
+  hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+  bq, bkv = block_q, block_kv
+  hm, nq, m_slots = kv_blocks.shape
+  per_head = hm > 1
+  q_map, kv_map, pm_map = _fwd_specs(hq // hkv, nq, m_slots, per_head)
+  o_map = q_map
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(b, hq, nq, m_slots),
+      in_specs=[pl.BlockSpec((1, 1, bq, d), q_map),
+                pl.BlockSpec((1, 1, bkv, d), kv_map),
+                pl.BlockSpec((1, 1, bkv, dv), kv_map),
+                pl.BlockSpec((1, bq, bkv), pm_map)],
+      out_specs=[pl.BlockSpec((1, 1, bq, dv), o_map),
+                 pl.BlockSpec((1, 1, bq, 1), o_map)],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, dv), jnp.float32)])
+  visited = b * hq * nq * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale, nq=nq, m_slots=m_slots,
+                        per_head=per_head),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, hq, t, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, t, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * bq * bkv * (d + dv), transcendentals=visited * bq * bkv,
+          bytes_accessed=b * hq * t * (d + dv) * itemsize
+          + visited * bkv * (d + dv) * itemsize + b * hq * t * 4),
+      interpret=_interpret_params(interpret),
+      name="block_sparse_attention_fwd_tpu",
+  )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, tiles)
+
+
+def _probs(q, k, lse, pm_ref, scale, masked):
+  """p = exp(scale·q·kᵀ - lse) [bq, bkv] (0 where the tile forbids)."""
+  p = jnp.exp(_dot_nt(q, k) * scale - lse)
+  if masked:
+    p = jnp.where(pm_ref[0] != 0, p, 0.0)
+  return p
+
+
+def _dq_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+               pm_ref, dq_ref, dq_sc, *, scale, nq, m_slots, per_head):
+  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  kind = kind_ref[(_mhead(h, per_head) * nq + i) * m_slots + j]
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  def update(masked):
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    p = _probs(q, k, lse_ref[0, 0], pm_ref, scale, masked)
+    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
+    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+
+  pl.when(kind == FULL)(lambda: update(False))
+  pl.when(kind == PARTIAL)(lambda: update(True))
+
+  @pl.when(j == m_slots - 1)
+  def _finish():
+    dq_ref[0, 0] = (dq_sc[...] * scale).astype(dq_ref.dtype)
+
+
+def bsa_dq_tpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_tile,
+               tiles, *, scale, block_q, block_kv, interpret=False):
+  """dq [B, Hq, T, D] (q.dtype) from d_out, lse [B, Hq, T, 1], di f32 [B, Hq, T]."""
+  del kv_counts
+  b, hq, t, d = q.shape
+  hkv, dv = k.shape[1], v.shape[3]
+  bq, bkv = block_q, block_kv
+  hm, nq, m_slots = kv_blocks.shape
+  per_head = hm > 1
+  q_map, kv_map, pm_map = _fwd_specs(hq // hkv, nq, m_slots, per_head)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(b, hq, nq, m_slots),
+      in_specs=[pl.BlockSpec((1, 1, bq, d), q_map),
+                pl.BlockSpec((1, 1, bkv, d), kv_map),
+                pl.BlockSpec((1, 1, bkv, dv), kv_map),
+                pl.BlockSpec((1, 1, bq, dv), q_map),
+                pl.BlockSpec((1, 1, bq, 1), q_map),
+                pl.BlockSpec((1, 1, bq, 1), q_map),
+                pl.BlockSpec((1, bq, bkv), pm_map)],
+      out_specs=pl.BlockSpec((1, 1, bq, d), q_map),
+      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)])
+  visited = b * hq * nq * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, nq=nq, m_slots=m_slots,
+                        per_head=per_head),
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * bq * bkv * (2 * d + dv), transcendentals=visited * bq * bkv,
+          bytes_accessed=b * hq * t * (2 * d + dv) * itemsize
+          + visited * bkv * (d + dv) * itemsize + b * hq * t * 8),
+      interpret=_interpret_params(interpret),
+      name="block_sparse_attention_dq_tpu",
+  )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
+    d_out, lse, di[..., None], tiles)
+
+
+def _dkv_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+                pm_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, g, nkv, m_slots,
+                per_head):
+  c, j, gi, tq = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  h = c * g + gi
+  kind = kind_ref[(_mhead(h, per_head) * nkv + j) * m_slots + tq]
+
+  @pl.when((gi == 0) & (tq == 0))
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  def update(masked):
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    p = _probs(q, k, lse_ref[0, 0], pm_ref, scale, masked)           # [bq, bkv]
+    dv_sc[...] += _dot(p.astype(do.dtype).T, do)
+    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
+    dk_sc[...] += _dot(ds.astype(q.dtype).T, q)
+
+  pl.when(kind == FULL)(lambda: update(False))
+  pl.when(kind == PARTIAL)(lambda: update(True))
+
+  @pl.when((gi == g - 1) & (tq == m_slots - 1))
+  def _finish():
+    dk_ref[0, 0] = (dk_sc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def bsa_dkv_tpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_tile, tiles,
+                *, scale, block_q, block_kv, interpret=False):
+  """(dk [B, Hkv, S, D] k.dtype, dv [B, Hkv, S, Dv] v.dtype), GQA group summed."""
+  del q_counts
+  b, hq, t, d = q.shape
+  hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+  g = hq // hkv
+  bq, bkv = block_q, block_kv
+  hm, nkv, m_slots = q_blocks.shape
+  per_head = hm > 1
+
+  def slot(c, j, gi, tq):
+    return (_mhead(c * g + gi, per_head) * nkv + j) * m_slots + tq
+
+  def q_map(b_, c, j, gi, tq, blk, kind, tile):
+    return b_, c * g + gi, blk[slot(c, j, gi, tq)], 0
+
+  def kv_map(b_, c, j, gi, tq, blk, kind, tile):
+    return b_, c, j, 0
+
+  def pm_map(b_, c, j, gi, tq, blk, kind, tile):
+    return tile[slot(c, j, gi, tq)], 0, 0
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(b, hkv, nkv, g, m_slots),
+      in_specs=[pl.BlockSpec((1, 1, bq, d), q_map),
+                pl.BlockSpec((1, 1, bkv, d), kv_map),
+                pl.BlockSpec((1, 1, bkv, dv), kv_map),
+                pl.BlockSpec((1, 1, bq, dv), q_map),
+                pl.BlockSpec((1, 1, bq, 1), q_map),
+                pl.BlockSpec((1, 1, bq, 1), q_map),
+                pl.BlockSpec((1, bq, bkv), pm_map)],
+      out_specs=[pl.BlockSpec((1, 1, bkv, d), kv_map),
+                 pl.BlockSpec((1, 1, bkv, dv), kv_map)],
+      scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32),
+                      pltpu.VMEM((bkv, dv), jnp.float32)])
+  visited = b * hkv * nkv * g * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, g=g, nkv=nkv, m_slots=m_slots,
+                        per_head=per_head),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
+                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
+                               "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * bq * bkv * (2 * d + 2 * dv),
+          transcendentals=visited * bq * bkv,
+          bytes_accessed=b * hkv * s * 2 * (d + dv) * itemsize
+          + visited * bq * (d + dv) * itemsize + visited * bq * 8),
+      interpret=_interpret_params(interpret),
+      name="block_sparse_attention_dkv_tpu",
+  )(q_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, d_out,
+    lse, di[..., None], tiles)
+
+
+__all__ = ["bsa_fwd_tpu", "bsa_dq_tpu", "bsa_dkv_tpu", "MASK_VALUE"]
