@@ -8,7 +8,7 @@ computes, for query head h reading kv head h // G (GQA, Hq = G · Hkv),
 
 in f32 (online softmax, finite mask value), out [B, Hq, T, Dv] in q.dtype. Layout is
 heads-major: q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (the op
-`sparsejax.ops.block_sparse_attention` transposes from [B, T, H, D]). A query row with
+`sparsejax.ops.sparse_attention` transposes from [B, T, H, D]). A query row with
 no allowed key gives exactly 0 output and zero gradients.
 
 The mask arrives as plain block tables (this package imports nothing from sparsejax;

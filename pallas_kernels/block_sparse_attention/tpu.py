@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Finite "minus infinity" (as sparsejax.ops.block_sparse_attention.MASK_VALUE).
+# Finite "minus infinity" (as sparsejax.ops.sparse_attention.MASK_VALUE).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 EMPTY_LSE = -MASK_VALUE              # LSE of a row with no allowed key: exp(s - lse) = 0
 FULL, PARTIAL = 2, 1

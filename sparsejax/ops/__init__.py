@@ -9,6 +9,6 @@ from sparsejax.ops.memory import memory_lookup
 from sparsejax.ops.memory_sharded import memory_lookup_sharded
 from sparsejax.ops.product_keys import (implicit_value_expansion, pkm_retrieve, tdqkr_retrieve,
                                         tucker_rank_one, tucker_singular_value_loss)
-from sparsejax.ops.block_sparse_attention import block_sparse_attention
+from sparsejax.ops.sparse_attention import block_sparse_attention
 from sparsejax.ops.masks import (And, CausalMask, ChunkedCausalMask, DocumentMask, GlobalMask,
                                  LocalMask, MultiHeadMask, Or, StridedMask, mask_info)

@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention_kernel
 from sparsejax.ops import masks as M
-from sparsejax.ops.block_sparse_attention import (block_sparse_attention,
+from sparsejax.ops.sparse_attention import (block_sparse_attention,
                                                   reference_attention)  # tests only
 
 
@@ -151,10 +151,10 @@ def test_matches_splash_attention(rng_seed):
 
 
 def test_op_interpret_dispatch_gpu(rng_seed, monkeypatch):
-  """sparsejax.ops.block_sparse_attention(impl="interpret") runs the GPU kernel when the
+  """sparsejax.ops.sparse_attention(impl="interpret") runs the GPU kernel when the
   default backend is a GPU, and equals impl="xla" with grads (the TPU-kernel dispatch is
   tested in tests/ops/test_block_sparse_attention.py)."""
-  import sparsejax.ops.block_sparse_attention as bsa_ops
+  import sparsejax.ops.sparse_attention as bsa_ops
   monkeypatch.setattr(bsa_ops.jax, "default_backend", lambda: "gpu")
   q, k, v, cot = inputs(rng_seed, 1, 32, 32, 2, 1, 16, 16)
   mask = M.CausalMask() & M.LocalMask(10)

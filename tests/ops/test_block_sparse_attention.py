@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.ops import block_sparse_attention as bsa_lib
+from sparsejax.ops import sparse_attention as bsa_lib
 from sparsejax.ops import masks as M
-from sparsejax.ops.block_sparse_attention import block_sparse_attention
+from sparsejax.ops.sparse_attention import block_sparse_attention
 
 
 def inputs(seed, b, t, s, hq, hkv, d, dv):
