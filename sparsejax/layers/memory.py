@@ -221,9 +221,9 @@ class UltraMemLayer(_ProductKeyBase):
                      cfg.param_dtype)
     q = jnp.einsum("td,de->te", xt, w_q.astype(cfg.dtype)).reshape(-1, 2, kdim)
     q = _layer_norm(q, self._norm_gain("query_norm", kdim))
-    keys = self.param("keys", _normal(kdim ** -0.5, (None,) * 5), (h, 2, n, kdim, r),
-                      jnp.float32)
-    keys = _layer_norm(keys, self._norm_gain("key_norm", kdim), axis=-2)
+    keys = self.param("keys", _normal(kdim ** -0.5, (None,) * 5), (h, 2, n, r, kdim),
+                      jnp.float32)                 # spec's [H,2,n,kdim,r], kdim last
+    keys = _layer_norm(keys, self._norm_gain("key_norm", kdim))
     cores = self.param("cores", nn.with_logical_partitioning(
         nn.initializers.uniform(1.0), (None,) * 4), (h, c, r, r), jnp.float32)
     u, v = self._rank_one(cores)

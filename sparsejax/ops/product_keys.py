@@ -7,7 +7,7 @@ PKM (Lample et al. 2019):
     s₁ = q₁·K₁ᵀ, s₂ = q₂·K₂ᵀ; top-k of each; the k² candidates score s₁[i]+s₂[j];
     top-k of those; weights = softmax over the k; slot = i·n + j.
 TDQKR (UltraMem, specs/ultramem.md §3):
-    S_row[h,i,a] = q_row·K_row[h,i,:,a], S_col likewise            ([T,H,n,r])
+    S_row[h,i,a] = q_row·K_row[h,i,a,:], S_col likewise            ([T,H,n,r])
     G_c[i,j]     = S_row[i,:] · C_c · S_col[j,:]ᵀ,  G = Σ_c G_c
     candidates   = top-m of S_row·u × top-m of S_col·v, with (u, v) the leading singular
                    vectors of Σ_c C_c (detached; `tucker_rank_one`)
@@ -89,7 +89,8 @@ def tdqkr_retrieve(q_row: jax.Array, q_col: jax.Array, keys_row: jax.Array,
 
   Args:
     q_row, q_col: [T, kdim] half-queries (shared by all heads).
-    keys_row, keys_col: [H, n, kdim, r] keys.
+    keys_row, keys_col: [H, n, r, kdim] keys (rank slices; kdim last, so the key
+      LayerNorm over kdim reads contiguous memory).
     cores: [H, C, r, r] Tucker cores.
     u, v: [H, r] rank-1 surrogate for candidate selection (treated as constants).
     m: slots per head (≤ n).
@@ -101,8 +102,8 @@ def tdqkr_retrieve(q_row: jax.Array, q_col: jax.Array, keys_row: jax.Array,
   n = keys_row.shape[1]
   if not 1 <= m <= n:
     raise ValueError(f"knn={m} must be in [1, {n}] (the number of keys per side)")
-  s_row = jnp.einsum("td,hndr->thnr", q_row, keys_row, preferred_element_type=jnp.float32)
-  s_col = jnp.einsum("td,hndr->thnr", q_col, keys_col, preferred_element_type=jnp.float32)
+  s_row = jnp.einsum("td,hnrd->thnr", q_row, keys_row, preferred_element_type=jnp.float32)
+  s_col = jnp.einsum("td,hnrd->thnr", q_col, keys_col, preferred_element_type=jnp.float32)
   u, v = lax.stop_gradient(u), lax.stop_gradient(v)
   _, i_row = lax.top_k(jnp.einsum("thnr,hr->thn", lax.stop_gradient(s_row), u), m)
   _, i_col = lax.top_k(jnp.einsum("thnr,hr->thn", lax.stop_gradient(s_col), v), m)

@@ -34,9 +34,9 @@ def ultramem_reference(p, state, x, opt: UltraMemOptions):
   xt = x.reshape(-1, x.shape[-1])
   q = _layer_norm((xt @ p["query"]).reshape(-1, 2, p["query"].shape[1] // 2),
                   p["query_norm"])
-  keys = _layer_norm(p["keys"], p["key_norm"], axis=-2)
-  s_row = jnp.einsum("td,hndr->thnr", q[:, 0], keys[:, 0])
-  s_col = jnp.einsum("td,hndr->thnr", q[:, 1], keys[:, 1])
+  keys = _layer_norm(p["keys"], p["key_norm"])              # [H, 2, n, r, kdim]
+  s_row = jnp.einsum("td,hnrd->thnr", q[:, 0], keys[:, 0])
+  s_col = jnp.einsum("td,hnrd->thnr", q[:, 1], keys[:, 1])
   u, v = state["tucker_u"], state["tucker_v"]
   row_ok = jax.nn.one_hot(jax.lax.top_k(jnp.einsum("thnr,hr->thn", s_row, u), m)[1],
                           n).sum(-2) > 0                                  # [T, H, n]
@@ -122,7 +122,7 @@ def test_ultramem_init_follows_the_spec(rng_seed):
     assert abs(float(np.std(params[name])) / std - 1) < 0.15, name
   cores = np.asarray(params["cores"])
   assert cores.shape == (2, 2, 2, 2) and 0 <= cores.min() and cores.max() <= 1
-  assert params["values"].shape == (64, 32) and params["keys"].shape == (2, 2, 16, 16, 2)
+  assert params["values"].shape == (64, 32) and params["keys"].shape == (2, 2, 16, 2, 16)
   perm = np.asarray(state["memory_state"]["permutation"])
   np.testing.assert_array_equal(np.sort(perm), np.arange(4 * 64))
   # u, v come from the SVD of the summed core at init (never zero)

@@ -35,8 +35,8 @@ def _tdqkr_numpy(q_row, q_col, keys_row, keys_col, cores, u, v, m):
   slots = np.zeros((t, h, m), np.int64)
   for ti in range(t):
     for hi in range(h):
-      s_row = np.einsum("d,ndr->nr", q_row[ti], keys_row[hi])
-      s_col = np.einsum("d,ndr->nr", q_col[ti], keys_col[hi])
+      s_row = np.einsum("d,nrd->nr", q_row[ti], keys_row[hi])
+      s_col = np.einsum("d,nrd->nr", q_col[ti], keys_col[hi])
       rows = np.argsort(-(s_row @ u[hi]), kind="stable")[:m]
       cols = np.argsort(-(s_col @ v[hi]), kind="stable")[:m]
       cands = [(i, j, [s_row[i] @ core @ s_col[j] for core in cores[hi]])
@@ -52,7 +52,7 @@ def test_tdqkr_matches_loop_reference(rng_seed, r, c, m):
   rng = np.random.default_rng(rng_seed)
   t, h, n, kdim = 4, 2, 7, 5
   q_row, q_col = _normal(rng, t, kdim), _normal(rng, t, kdim)
-  keys_row, keys_col = _normal(rng, h, n, kdim, r), _normal(rng, h, n, kdim, r)
+  keys_row, keys_col = _normal(rng, h, n, r, kdim), _normal(rng, h, n, r, kdim)
   cores = rng.uniform(size=(h, c, r, r)).astype(np.float32)
   u, v = product_keys.tucker_rank_one(jnp.asarray(cores))
   got_scores, got_slots = product_keys.tdqkr_retrieve(q_row, q_col, keys_row, keys_col,
@@ -69,13 +69,13 @@ def test_tdqkr_is_exact_when_the_candidate_grid_covers_all_keys(rng_seed):
   rng = np.random.default_rng(rng_seed)
   t, h, n, kdim, r, c = 3, 2, 5, 4, 2, 2
   q_row, q_col = _normal(rng, t, kdim), _normal(rng, t, kdim)
-  keys_row, keys_col = _normal(rng, h, n, kdim, r), _normal(rng, h, n, kdim, r)
+  keys_row, keys_col = _normal(rng, h, n, r, kdim), _normal(rng, h, n, r, kdim)
   cores = _normal(rng, h, c, r, r)
   u, v = _normal(rng, h, r), _normal(rng, h, r)
   scores, slots = product_keys.tdqkr_retrieve(q_row, q_col, keys_row, keys_col, cores,
                                               u, v, n)
-  s_row = np.einsum("td,hndr->thnr", q_row, keys_row)
-  s_col = np.einsum("td,hndr->thnr", q_col, keys_col)
+  s_row = np.einsum("td,hnrd->thnr", q_row, keys_row)
+  s_col = np.einsum("td,hnrd->thnr", q_col, keys_col)
   full = np.einsum("thia,hcab,thjb->thijc", s_row, cores, s_col).reshape(t, h, n * n, c)
   best = np.argsort(-full.sum(-1), axis=-1)[..., :n]
   np.testing.assert_array_equal(slots, best)
