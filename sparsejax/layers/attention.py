@@ -1,5 +1,5 @@
 """Multi-head attention with GQA, RoPE and a KV cache: the "mha" (dense causal) and
-"block_sparse" (static structured mask, `sparsejax.ops.block_sparse_attention`)
+"block_sparse" (static structured mask, `sparsejax.ops.sparse_attention`)
 attention entries.
 
     config.model.attention = "block_sparse"
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from sparsejax.layers import registry
 from sparsejax.ops import attention as attention_ops
 from sparsejax.ops import masks as masks_lib
-from sparsejax.ops.block_sparse_attention import block_sparse_attention
+from sparsejax.ops.block_topk import block_topk_attention
+from sparsejax.ops.sparse_attention import block_sparse_attention
 from sparsejax.ops.dispatch import IMPLS
 from sparsejax.validation import check, check_choice
 
@@ -118,6 +119,11 @@ class Attention(nn.Module):
     key.value = jax.lax.dynamic_update_slice_in_dim(key.value, k, start, axis=1)
     value.value = jax.lax.dynamic_update_slice_in_dim(value.value, v, start, axis=1)
     index.value = start + q.shape[1]
+    sparse_decode = self.cfg.block_topk
+    if sparse_decode is not None and q.shape[1] == 1:       # decode steps, not prefill
+      predicate = None if self.options is None else self.options.mask().predicate
+      return block_topk_attention(q, key.value, value.value, positions, index.value,
+                                  sparse_decode, extra_mask=predicate)
     if self.options is None:
       return attention_ops.causal_attention(q, key.value, value.value,
                                             q_positions=positions, kv_length=index.value)

@@ -24,6 +24,10 @@ class ModelConfig:
   their `*_options` mappings are validated by the entry's options dataclass.
   `memory_layers` places skip-layer memories: "s:t,..." reads the normalized FFN input
   of block s and adds the memory output to the residual after block t (s ≤ t).
+  `decode_block_topk` (e.g. dict(block_size=16, num_sinks=4, window=64, top_k=8))
+  makes cached one-token decode steps attend to sinks + window + the top-k KV blocks
+  only (`sparsejax.ops.block_topk`); it changes no parameter, so it can be switched on
+  for generation with any trained model.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -48,6 +52,7 @@ class ModelConfig:
   memory: str = "none"
   memory_options: Mapping[str, Any] = _EMPTY
   memory_layers: str = ""
+  decode_block_topk: Mapping[str, Any] = _EMPTY   # {} = off; else BlockTopK fields
 
   @property
   def resolved_head_dim(self) -> int:
@@ -56,6 +61,15 @@ class ModelConfig:
   @property
   def resolved_d_ff(self) -> int:
     return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def block_topk(self):
+    """The validated `decode_block_topk` settings, or None when off."""
+    if not self.decode_block_topk:
+      return None
+    from sparsejax.ops.block_topk import BlockTopK
+    return validation.from_mapping(BlockTopK, self.decode_block_topk,
+                                   "config.model.decode_block_topk")
 
   @property
   def memory_placements(self) -> tuple[tuple[int, int], ...]:
@@ -104,6 +118,7 @@ class ModelConfig:
     check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "> 0")
     check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
     check_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
+    self.block_topk  # validates decode_block_topk
     for kind in ("attention", "ffn", "linear"):
       registry.parse_options(kind, getattr(self, kind), getattr(self, f"{kind}_options"),
                              f"{prefix}.{kind}_options")
