@@ -1,11 +1,13 @@
 # `make run`: set up .venv from nothing and train the default model (report in workdir/).
+# `make compare`: Dense / MoE / PKM / UltraMem + ablation ladder, reduced (≈15-20 min on a
+# 2-core CPU); report in workdir/compare/report.md.
 # `make test`: set up .venv with the test extras and run the whole suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 
-.PHONY: run test test-fast clean
+.PHONY: run test test-fast compare clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR)
+
+compare: $(VENV)/.installed
+	$(PY) experiments/compare.py --reduced --workdir=workdir/compare
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadfile -q

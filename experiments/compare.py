@@ -1,0 +1,326 @@
+"""Dense vs MoE vs PKM vs UltraMem (+ the UltraMem ablation ladder) at matched activated
+params and equal tokens on the embedded corpus.
+
+Every variant is its own config file (experiments/configs/{dense,moe,pkm,ultramem}.py
+and ultramem_ablation.py:{pkm_skip,tdqkr,ive}), trained with the same data, seed, steps
+and tokens. Writes to --workdir: report.md (table, definitions, the paper's expected
+ordering and what we measured), results.json and val_curves.png; --record appends the
+table to benchmarks/RESULTS.md.
+
+  python experiments/compare.py --reduced --workdir=workdir/compare --record   # make compare
+  python experiments/compare.py --workdir=workdir/compare_full --record        # configs' steps
+  python experiments/compare.py --workdir=/tmp/c --steps=20 --variants=dense,ultramem
+
+Interrupted? Rerun the same command: finished variants are kept, the running one resumes.
+
+--reduced (≈18 min on a busy 2-core CPU, compile included) trains REDUCED_STEPS steps at the
+configs' model, seq_len and batch; without it each variant runs its config's num_steps
+(360). The MoE runs with ffn_options.impl=--moe_impl ("loop" by default: exact, like
+"dropless", and the fastest on CPU; "dropless"/ragged_dot is far slower there).
+
+Columns:
+  val loss / bits/byte  final val cross-entropy in nats per byte, and that / ln 2.
+  params                total = all parameters; non-emb. = without the (tied) embedding.
+  activated             non-embedding params used per token: everything counts fully
+                        (attention, dense FFN, router, memory query/keys/cores/norms/W_o:
+                        every key is scored) except MoE routed experts (w_gate, w_up,
+                        w_down count top_k/num_experts of their size) and memory value
+                        tables (only the heads·knn rows read per token × the row width:
+                        d_model for PKM, vdim for UltraMem). The embedding is excluded.
+  FLOPs/token           forward FLOPs per token (`flops_per_token`): 2 × the activated
+                        matmul params (attention q/k/v/o, FFN or routed top-k experts +
+                        router, memory query projection and UltraMem W_o, LM head d·V),
+                        + attention scores 2·2·(seq_len/2)·H·head_dim per layer (QKᵀ and
+                        AV at the mean causal context seq_len/2), + memory retrieval per
+                        memory layer: PKM 2·H·2·n·kdim (sub-key scores) + H·k² (candidate
+                        sums) + 2·H·k·d (weighted value sum); UltraMem 2·2·n·kdim·r·H
+                        (S_row, S_col; n = keys per side incl. IVE) + 2·2·H·n·r (rank-1
+                        candidate scores) + H·m²·2r²·C (Tucker grid, C cores) + 2·H·m·vdim
+                        (weighted value sum). Norms, softmax, top-k and the optimizer are
+                        not counted.
+  tok/s                 training tokens per second (mean of the logged windows after the
+                        first, which includes compilation).
+
+The paper's claim under test (UltraMem, arXiv 2411.12364): at matched activated params
+and FLOPs, UltraMem ≲ MoE < PKM < Dense in loss, and each ablation step lowers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import results_log  # noqa: E402  (sibling module)
+
+from sparsejax.layers import registry  # noqa: E402
+from sparsejax.models.config import ModelConfig, parse_model_config  # noqa: E402
+from sparsejax.models.transformer import DecoderLM  # noqa: E402
+from sparsejax.train import sweep  # noqa: E402
+from sparsejax.train.report import read_metrics  # noqa: E402
+
+# name: ((config file in experiments/configs, get_config argument or None), description)
+VARIANTS = {
+    "dense": (("dense.py", None), "dense SwiGLU decoder, d_ff 384"),
+    "moe": (("moe.py", None), "8 SwiGLU experts top-2 (d_expert 192), d_ff-matched"),
+    "pkm": (("pkm.py", None), "PKM 85², 2 heads × top-16, in place (1:1,2:2), d_ff 256"),
+    "pkm_skip": (("ultramem_ablation.py", "pkm_skip"), "+ skip-layer (0:2,1:3)"),
+    "tdqkr": (("ultramem_ablation.py", "tdqkr"),
+              "+ Tucker retrieval (r 2, 1 core), W_o, 85² values × 128"),
+    "ive": (("ultramem_ablation.py", "ive"), "+ IVE: E=4, 120² values × 64"),
+    "ultramem": (("ultramem.py", None), "+ multi-core scoring (C=2) = full UltraMem"),
+}
+EXPECTED = ("UltraMem ≲ MoE < PKM < Dense (val loss at matched activated params), and "
+            "pkm > pkm_skip > tdqkr > ive > ultramem along the ablation ladder")
+REDUCED_STEPS = 100
+REDUCED = {"train": {"eval_batches": 4}}  # + checkpoints only at half-time and the end
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/compare", "Output directory.")
+_REDUCED = flags.DEFINE_bool("reduced", False, f"Reduced run (`make compare`): "
+                             f"{REDUCED_STEPS} steps per variant, ≈18 min on 2 CPU cores.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every variant (0: "
+                              "REDUCED_STEPS with --reduced, else the configs' num_steps).")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")
+_MOE_IMPL = flags.DEFINE_enum("moe_impl", "loop", ["auto", "dropless", "loop", "capacity"],
+                              "config.model.ffn_options.impl of the MoE variant.")
+_OVERRIDES = flags.DEFINE_string("overrides", "", "JSON dict deep-merged into every "
+                                 "variant's config, e.g. '{\"data\": {\"batch_size\": 8}}'.")
+_RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
+
+
+def load_config(file: str, arg: str | None = None) -> dict:
+  """experiments/configs/<file>'s get_config(arg) as a plain dict."""
+  path = os.path.join(HERE, "configs", file)
+  spec = importlib.util.spec_from_file_location(f"_compare_config_{file[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config() if arg is None else module.get_config(arg)
+  return config.to_dict()
+
+
+def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{"block_0/ffn/w_gate": shape, ...} of the model's params (no allocation)."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = jax.eval_shape(lambda: DecoderLM(model).init(jax.random.key(0), tokens))
+  params = nn.meta.unbox(variables["params"])
+  return {k: tuple(v.shape) for k, v in
+          traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _options(model: ModelConfig, kind: str):
+  return registry.parse_options(kind, getattr(model, kind),
+                                getattr(model, f"{kind}_options"), f"model.{kind}_options")
+
+
+def count_params(model: ModelConfig) -> dict[str, float]:
+  """total, embedding, non-embedding and activated-per-token params (module docstring)."""
+  total = embedding = nonembed = 0
+  active = 0.0
+  moe = _options(model, "ffn") if model.ffn == "moe" else None
+  memory = _options(model, "memory") if model.memory != "none" else None
+  for name, shape in param_shapes(model).items():
+    size = math.prod(shape)
+    total += size
+    if name in ("embedding", "lm_head"):
+      embedding += size
+      continue
+    nonembed += size
+    leaf, parent = name.rsplit("/", 1)[-1], name.split("/")[-2] if "/" in name else ""
+    if moe is not None and parent == "ffn" and leaf in ("w_gate", "w_up", "w_down"):
+      active += size * moe.top_k / moe.num_experts
+    elif memory is not None and parent.startswith("memory_") and leaf == "values":
+      active += memory.heads * memory.knn * shape[-1]
+    else:
+      active += size
+  return {"total_params": total, "embedding_params": embedding,
+          "nonembedding_params": nonembed, "activated_params": active}
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of `model` at `seq_len` (formula in the module docstring).
+
+  Supports the dense linear, the swiglu / relu2_glu / relu2 / moe FFNs and the pkm /
+  ultramem memories; multiply-adds count 2.
+  """
+  d, layers, hd = model.d_model, model.num_layers, model.resolved_head_dim
+  heads, kv = model.num_heads, model.num_kv_heads
+  attention = 2 * (d * heads * hd + 2 * d * kv * hd + heads * hd * d)  # q, k, v, o
+  attention += 2 * 2 * (seq_len / 2) * heads * hd                      # QKᵀ, AV
+  if model.ffn == "moe":
+    opt = _options(model, "ffn")
+    f = opt.resolved_d_expert(model.resolved_d_ff)
+    ffn = 2 * (d * opt.num_experts + (opt.top_k + opt.num_shared) * 3 * d * f)
+  elif model.ffn in ("swiglu", "relu2_glu"):
+    ffn = 2 * 3 * d * model.resolved_d_ff
+  elif model.ffn == "relu2":
+    ffn = 2 * 2 * d * model.resolved_d_ff
+  else:
+    raise ValueError(f"flops_per_token: unsupported ffn {model.ffn!r}")
+  total = layers * (attention + ffn) + 2 * d * model.vocab_size        # + LM head
+  if model.memory == "none":
+    return float(total)
+  opt = _options(model, "memory")
+  h, k, kdim = opt.heads, opt.knn, opt.resolved_kdim(d)
+  if model.memory == "pkm":
+    n = opt.num_keys
+    memory = (2 * d * h * 2 * kdim          # query projection
+              + 2 * h * 2 * n * kdim        # sub-key scores (rows and columns)
+              + h * k * k                   # k² candidate sums
+              + 2 * h * k * d)              # softmax-weighted sum of k value rows
+  elif model.memory == "ultramem":
+    n, r, c = opt.keys_per_side, opt.tucker_rank, opt.tucker_cores
+    vdim, e = opt.resolved_vdim(d), opt.value_expand
+    memory = (2 * d * 2 * kdim              # query projection (shared by the heads)
+              + 2 * 2 * n * kdim * r * h    # S_row, S_col
+              + 2 * 2 * h * n * r           # rank-1 candidate scores
+              + h * k * k * 2 * r * r * c   # per-core Tucker grid over m² candidates
+              + 2 * h * k * vdim            # weighted value sum
+              + 2 * e * vdim * d)           # W_o
+  else:
+    raise ValueError(f"flops_per_token: unsupported memory {model.memory!r}")
+  return float(total + len(model.memory_placements) * memory)
+
+
+def train_tokens_per_s(metrics_path: str) -> float:
+  """Mean tokens/s of the logged train windows after the first (compile included)."""
+  rates = [r["tokens_per_s"] for r in read_metrics(metrics_path)
+           if r["split"] == "train" and "tokens_per_s" in r]
+  rates = rates[1:] or rates
+  return float(np.mean(rates)) if rates else float("nan")
+
+
+def variant_configs(names, steps: int, reduced: bool, overrides: dict,
+                    moe_impl: str) -> dict[str, dict]:
+  """{name: config dict} with the shared train settings applied."""
+  configs = {}
+  for name in names:
+    (file, arg), _ = VARIANTS[name]
+    config = load_config(file, arg)
+    num_steps = steps or (REDUCED_STEPS if reduced else config["train"]["num_steps"])
+    every = max(num_steps // 5, 1)
+    config = sweep.deep_update(config, {"train": {
+        "num_steps": num_steps, "sample_tokens": 0, "eval_every": every,
+        "log_every": max(min(config["train"]["log_every"], every), 1),
+        "checkpoint_every": every}})
+    if reduced:
+      config = sweep.deep_update(config, {**REDUCED, "train": {
+          **REDUCED["train"], "checkpoint_every": max(num_steps // 2, 1)}})
+    if config["model"]["ffn"] == "moe":
+      config = sweep.deep_update(config, {"model": {"ffn_options": {"impl": moe_impl}}})
+    configs[name] = sweep.deep_update(config, overrides)
+  return configs
+
+
+def markdown_table(rows: list[dict], baseline: str | None) -> str:
+  base = next((r for r in rows if r["name"] == baseline), None)
+  lines = ["| variant | val loss | Δ vs dense | bits/byte | total params (non-emb.) | "
+           "activated params | FLOPs/token | train tok/s | tokens | wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    delta = f"{r['val_loss'] - base['val_loss']:+.4f}" if base else "-"
+    lines.append(
+        f"| {r['name']} | {r['val_loss']:.4f} | {delta} | {r['val_bpb']:.4f} | "
+        f"{r['total_params'] / 1e6:.3f}M ({r['nonembedding_params'] / 1e6:.3f}M) | "
+        f"{r['activated_params'] / 1e6:.3f}M | {r['flops_per_token'] / 1e6:.2f}M | "
+        f"{r['tokens_per_s']:,.0f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+  """1–3 sentences on the measured ordering (generated from the numbers)."""
+  by = {r["name"]: r for r in rows}
+  ordered = sorted(rows, key=lambda r: r["val_loss"])
+  text = ["Measured order (lowest val loss first): " + " < ".join(
+      f"{r['name']} ({r['val_loss']:.4f})" for r in ordered) + "."]
+  main = [n for n in ("ultramem", "moe", "pkm", "dense") if n in by]
+  if len(main) >= 2:
+    holds = all(by[a]["val_loss"] <= by[b]["val_loss"]
+                for a, b in zip(main, main[1:]))
+    broken = [f"{a} > {b}" for a, b in zip(main, main[1:])
+              if by[a]["val_loss"] > by[b]["val_loss"]]
+    text.append(f"The paper's main ordering {' < '.join(main)} "
+                + ("holds here." if holds else
+                   f"does not hold here: {', '.join(broken)} (the other pairs hold)."))
+  ladder = [n for n in ("pkm", "pkm_skip", "tdqkr", "ive", "ultramem") if n in by]
+  if len(ladder) >= 2:
+    steps = [f"{b} {by[b]['val_loss'] - by[a]['val_loss']:+.4f}"
+             for a, b in zip(ladder, ladder[1:])]
+    better = sum(by[b]["val_loss"] < by[a]["val_loss"] for a, b in zip(ladder, ladder[1:]))
+    text.append(f"Ablation ladder: {better} of {len(ladder) - 1} steps lower the val "
+                f"loss (Δ vs the previous step: {', '.join(steps)}).")
+  return " ".join(text)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    sys.exit(f"error: --variants has unknown {unknown}; allowed: {list(VARIANTS)}")
+  overrides = json.loads(_OVERRIDES.value) if _OVERRIDES.value else {}
+  names = list(_VARIANTS.value)
+  configs = variant_configs(names, _STEPS.value, _REDUCED.value, overrides,
+                            _MOE_IMPL.value)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  rows = []
+  start = time.perf_counter()
+  for name in names:
+    description = VARIANTS[name][1]
+    print(f"=== {name}: {description}", flush=True)
+    result = sweep.run_variant(name, configs[name], _WORKDIR.value, description)
+    model = parse_model_config(configs[name]["model"])
+    seq_len = configs[name]["data"]["seq_len"]
+    rows.append({**dataclasses.asdict(result), **count_params(model),
+                 "flops_per_token": flops_per_token(model, seq_len),
+                 "tokens_per_s": train_tokens_per_s(
+                     os.path.join(_WORKDIR.value, name, "metrics.jsonl")),
+                 "steps": configs[name]["train"]["num_steps"]})
+  total_wall = time.perf_counter() - start
+  table = markdown_table(rows, "dense" if "dense" in names else None)
+  first = configs[names[0]]
+  steps = rows[0]["steps"]
+  plot = sweep.plot_curves(_WORKDIR.value, names,
+                           os.path.join(_WORKDIR.value, "val_curves.png"),
+                           f"Dense / MoE / PKM / UltraMem, {steps} steps")
+  legend = "\n".join(f"- `{r['name']}`: {r['description']}" for r in rows)
+  body = (
+      f"{table}\n\n{legend}\n\n"
+      f"Setup: d_model {first['model']['d_model']}, {first['model']['num_layers']} "
+      f"blocks, seq_len {first['data']['seq_len']}, batch {first['data']['batch_size']}, "
+      f"{steps} steps ({rows[0]['tokens']:,} train tokens) per variant, same data and "
+      f"seed; MoE impl `{_MOE_IMPL.value}`"
+      f"{'; reduced run (`make compare`)' if _REDUCED.value else ''}. Val loss in nats "
+      "per byte. Activated params: non-embedding params used per token (MoE routed "
+      "experts × top_k/num_experts; memory value tables only the heads·knn rows read "
+      "per token; keys, query, W_o, norms fully). FLOPs/token: forward, 2 × activated "
+      "matmul params incl. the LM head + attention scores at mean causal context "
+      "seq_len/2 + memory retrieval scoring (formulas in experiments/compare.py).\n\n"
+      f"Expected (paper): {EXPECTED}.\n\nMeasured: {summary(rows)}")
+  with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+    json.dump({"variants": rows, "wall_s": total_wall, "configs": configs}, f, indent=1)
+  with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
+    f.write(f"# Dense / MoE / PKM / UltraMem comparison\n\n{body}\n\n"
+            "![val curves](val_curves.png)\n")
+  print(body)
+  print(f"report: {os.path.join(_WORKDIR.value, 'report.md')}; plot: {plot}")
+  if _RECORD.value:
+    results_log.append_section(
+        "Dense / MoE / PKM / UltraMem + ablation ladder (experiments/compare.py)",
+        body, command=" ".join(["python experiments/compare.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,86 @@
+"""experiments/compare.py: FLOPs/params accounting by hand, and main() in-process on a
+tiny model (2 steps, moe + ultramem)."""
+
+import json
+import math
+
+from absl import flags
+import pytest
+
+from conftest import experiment_module
+from sparsejax.models.config import parse_model_config
+
+
+@pytest.fixture(scope="module")
+def compare():
+  with experiment_module("compare") as module:
+    yield module
+
+
+def test_flops_per_token_dense_hand_count(compare):
+  # d 128, 4 heads of 32, 2 kv heads, 4 layers, d_ff 384, vocab 256, seq 128
+  model = parse_model_config(compare.load_config("dense.py")["model"])
+  d, layers, ff, vocab, seq = 128, 4, 384, 256, 128
+  q_o = 2 * d * d                 # q_proj and o_proj: 128 × 128 each
+  k_v = 2 * d * 64                # k_proj and v_proj: 128 × (2 kv heads · 32)
+  ffn = 3 * d * ff                # gate, up, down
+  per_layer = 2 * (q_o + k_v + ffn) + 2 * 2 * (seq / 2) * d
+  expected = layers * per_layer + 2 * d * vocab
+  assert compare.flops_per_token(model, seq) == expected == 1_769_472
+  counts = compare.count_params(model)
+  norms = layers * 2 * d + d      # attn_norm, ffn_norm per block + final_norm
+  assert counts["embedding_params"] == vocab * d
+  assert counts["nonembedding_params"] == layers * (q_o + k_v + ffn) + norms
+  assert counts["activated_params"] == counts["nonembedding_params"]
+  assert counts["total_params"] == counts["nonembedding_params"] + vocab * d
+
+
+def test_activated_params_moe_and_memory(compare):
+  moe = parse_model_config(compare.load_config("moe.py")["model"])
+  dense = parse_model_config(compare.load_config("dense.py")["model"])
+  c_moe, c_dense = compare.count_params(moe), compare.count_params(dense)
+  # 8 experts of 3·128·192, 2 active = the dense 3·128·384; + router 128·8 per block
+  assert c_moe["activated_params"] == c_dense["activated_params"] + 4 * 128 * 8
+  assert c_moe["nonembedding_params"] == (c_dense["nonembedding_params"]
+                                          + 4 * (3 * 128 * 192 * 8 - 3 * 128 * 384
+                                                 + 128 * 8))
+  um = parse_model_config(compare.load_config("ultramem.py")["model"])
+  counts = compare.count_params(um)
+  values = 2 * 120 ** 2 * 64       # two memory layers of 14,400 × 64
+  read = 2 * 2 * 16 * 64           # per layer 2 heads × 16 rows × 64
+  assert counts["nonembedding_params"] - counts["activated_params"] == values - read
+
+
+def test_main_writes_report(compare, tmp_path, monkeypatch):
+  md = tmp_path / "RESULTS.md"
+  monkeypatch.setattr(compare.results_log, "RESULTS_MD", str(md))
+  workdir = tmp_path / "cmp"
+  tiny = {"model": {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "d_ff": 64,
+                    "memory_options": {"num_keys": 16, "knn": 4, "kdim": 8, "vdim": 16}},
+          "data": {"seq_len": 16, "batch_size": 8},
+          "optim": {"warmup_steps": 1}, "train": {"eval_batches": 1}}
+  argv = ["compare", f"--workdir={workdir}", "--steps=2", "--variants=moe,ultramem",
+          f"--overrides={json.dumps(tiny)}", "--record"]
+  flags.FLAGS(argv)
+  try:
+    compare.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+  report = (workdir / "report.md").read_text()
+  for column in ("val loss", "Δ vs dense", "bits/byte", "total params (non-emb.)",
+                 "activated params", "FLOPs/token", "train tok/s"):
+    assert column in report, column
+  for name in ("moe", "ultramem"):
+    assert f"| {name} |" in report
+  assert "Expected (paper)" in report and "Measured order" in report
+  assert (workdir / "val_curves.png").stat().st_size > 0
+  rows = json.loads((workdir / "results.json").read_text())["variants"]
+  assert [r["name"] for r in rows] == ["moe", "ultramem"]
+  for r in rows:
+    assert math.isfinite(r["val_loss"]) and math.isfinite(r["val_bpb"])
+    assert r["steps"] == 2 and r["tokens"] == 2 * 8 * 16
+    assert 0 < r["activated_params"] <= r["nonembedding_params"] < r["total_params"]
+    assert r["flops_per_token"] > 0
+  assert rows[0]["activated_params"] < rows[0]["nonembedding_params"]   # moe
+  assert "compare.py" in md.read_text() and "| ultramem |" in md.read_text()
