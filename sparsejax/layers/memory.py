@@ -10,7 +10,9 @@ the residual after block t (`DecoderLM`). The module of placement i is "memory_i
 PKM (Lample et al. 2019; `ProductKeyMemory`): per-head query W_q x → halves, LayerNorm;
 top-k product-key retrieval with softmax weights (`ops.product_keys.pkm_retrieve`);
 y = Σ_heads Σ_k w·V[slot], values [N = num_keys², D]. Init as UltraMem's "improved PKM"
-(LN gains 1/kdim^0.33, W_q and keys ~ N(0, 1/√kdim)) except values ~ N(0, 1/√D) (Lample).
+(LN gains 1/kdim^0.33, W_q and keys ~ N(0, 1/√kdim), values ~ N(0, 0.02)). Lample's
+values ~ N(0, 1/√D) give outputs larger than our residual stream at init (embeddings
+~ N(0, 0.02)) and trained 0.4 nats/byte worse than dense in `make compare`.
 
 UltraMem V1 (`UltraMemLayer`, specs/ultramem.md): one query shared by the heads,
 TDQKR retrieval with Tucker rank r and C cores (`ops.product_keys.tdqkr_retrieve`),
@@ -196,7 +198,7 @@ class ProductKeyMemory(_ProductKeyBase):
     keys = _layer_norm(keys, self._norm_gain("key_norm", kdim))
     weights, slots = product_keys.pkm_retrieve(q[:, :, 0], q[:, :, 1], keys[:, 0],
                                                keys[:, 1], opt.knn)
-    values = self.param("values", _normal(d ** -0.5, _values_axes(opt.shard_values)),
+    values = self.param("values", _normal(0.02, _values_axes(opt.shard_values)),
                         (n * n, d), cfg.param_dtype)
     rows = slots.reshape(slots.shape[0], -1)                    # [T, H·k]
     self.sow("intermediates", "rows", rows)
