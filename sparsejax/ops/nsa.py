@@ -45,7 +45,9 @@ Table 4 with l=32, d=16, n=16, l'=64, w=512: 8k → 2048 tokens, 4.0×; 16k → 
 6.4×; 32k → 3584, 9.1×; 64k → 5632, 11.6× fewer than full attention's s).
 
 This is the reference implementation: the selection branch gathers [B, T, Hkv, n·l', D]
-keys and values (memory O(T · n · l') per kv head); no Pallas kernel yet.
+keys and values (memory O(T · n · l') per kv head). `selected_attention(impl=...)` /
+`nsa_attention(selection_impl=...)` dispatch to the Pallas kernels of
+`pallas_kernels.nsa` (TPU query-tile union, GPU group-centric), default "xla".
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import numpy as np
 
 from sparsejax.ops import attention as attention_ops
 from sparsejax.ops import masks as masks_lib
+from sparsejax.ops.dispatch import resolve_impl
 from sparsejax.ops.sparse_attention import (MASK_VALUE, _masked_softmax_av,
                                             block_sparse_attention)
 
@@ -256,19 +259,39 @@ def select_blocks(scores: jax.Array, q_positions: jax.Array, num_selected: int,
   return idx.astype(jnp.int32), top > -jnp.inf
 
 
+def _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl):
+  from pallas_kernels.nsa import nsa_selection_kernel  # lazy: kernels optional
+  backend = jax.default_backend()
+  if impl == "pallas" and backend not in ("tpu", "gpu"):
+    raise ValueError(f"impl='pallas' needs a TPU or GPU backend (default backend is "
+                     f"{backend!r}); use impl='interpret' to run the kernel on CPU")
+  out = nsa_selection_kernel(q, k, v, block_idx, valid, select_block=select_block,
+                             scale=scale, q_positions=pos,
+                             interpret=impl == "interpret",
+                             backend="gpu" if backend == "gpu" else "tpu")
+  return out.astype(jnp.float32)
+
+
 def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
                        valid: jax.Array, select_block: int, *, scale: float | None = None,
-                       q_positions: jax.Array | None = None) -> jax.Array:
+                       q_positions: jax.Array | None = None,
+                       impl: str = "xla") -> jax.Array:
   """Attention over the tokens of the selected blocks; f32 [B, T, Hq, Dv].
 
   k [B, S, Hkv, D], v [B, S, Hkv, Dv]; block_idx/valid [B, T, Hkv, n] from
   `select_blocks`. Key s (in a valid selected block) is visible iff s ≤ t and s < S.
+  impl: "xla" (default: this gather reference) | "auto" | "pallas" | "interpret"
+  (`sparsejax.ops.dispatch`): the kernels run `pallas_kernels.nsa` (TPU query-tile
+  union / GPU group-centric; valid block ids must be distinct per token and kv head).
   """
   _check_qkv(q, k, v, "selected_attention")
   b, t, hq, d = q.shape
   s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   pos = _positions(q, q_positions)
+  impl = resolve_impl(impl)
+  if impl != "xla":
+    return _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl)
   tok = block_idx[..., None] * select_block + jnp.arange(select_block)  # [B,T,Hkv,n,l']
   allowed = valid[..., None] & (tok <= pos[:, :, None, None, None]) & (tok < s_len)
   tok = jnp.minimum(tok, s_len - 1).reshape(b, t, hkv, -1)              # [B,T,Hkv,K]
@@ -321,7 +344,7 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
                   window: int = 512, num_initial: int = 1, num_local: int = 2,
                   scale: float | None = None, cmp_rope_theta: float | None = None,
                   q_positions: jax.Array | None = None, window_impl: str = "reference",
-                  return_aux: bool = False):
+                  selection_impl: str = "xla", return_aux: bool = False):
   """Native Sparse Attention: Σ_c gates[..., c] · o_c over (cmp, slc, win).
 
   q [B, T, Hq, D] (RoPE already applied, as for k_slc / k_win); k_cmp/v_cmp are the raw
@@ -330,6 +353,8 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
   keys are RoPE-rotated at their block's last position i·d + l − 1. gates
   [B, T, Hq, 3] in [0, 1] (cmp, slc, win). Returns [B, T, Hq, Dv] in q.dtype, plus with
   `return_aux` a dict (o_cmp, o_slc, o_win, p_cmp, scores, block_idx, valid).
+  `selection_impl` is the selection branch's `selected_attention(impl=)`, `window_impl`
+  the window branch's.
   """
   check_config(block_len, stride, select_block, num_selected, window, num_initial,
                num_local)
@@ -358,7 +383,7 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
   idx, valid = select_blocks(scores, pos, num_selected, select_block,
                              num_initial=num_initial, num_local=num_local)
   o_slc = selected_attention(q, k_slc, v_slc, idx, valid, select_block, scale=scale,
-                             q_positions=pos)
+                             q_positions=pos, impl=selection_impl)
   o_win = window_attention(q, k_win, v_win, window, scale=scale,
                            q_positions=q_positions, impl=window_impl)
   g = gates.astype(jnp.float32)

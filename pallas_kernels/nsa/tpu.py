@@ -1,0 +1,298 @@
+"""NSA selection branch: TPU (Mosaic) kernels (forward, dq, dk/dv) — query-tile union.
+
+Layout (built by the package wrapper): the G query heads of a kv group are folded into
+the row axis, row r = t·G + g of a tile of Tq tokens, so one tile is R = Tq·G matmul rows:
+    q [B, Hkv, T·G, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (S a multiple of l'),
+    sel [B, Hkv, T·G, n] int32 selected block ids per row (-1 for an invalid slot),
+    pos [B, T·G, 1] int32 query position per row.
+Scalar-prefetched tables (flattened int32, see `__init__._union_tables`):
+    fwd: blocks [B, Hkv, nT, M] = the sorted union of the blocks any token of tile i
+         selected (padded by repeating the last entry, so padded steps issue no DMA),
+         counts [B, Hkv, nT];
+    dkv: the transposed union, tiles [B, Hkv, ns, Mt] (tiles whose union holds kv block
+         j), counts [B, Hkv, ns].
+
+Forward (`nsa_fwd_tpu`): grid (B, Hkv, nT, M), semantics (parallel ×3, arbitrary). Step
+(b, c, i, u) loads kv block blocks[b, c, i, u] through the K/V index map and does nothing
+unless u < counts (`pl.when`). Per row the block is allowed iff the row's token selected
+it (max over its n slot ids == block, no sort/top_k) and, per key, key ≤ pos and
+key < S (causality inside the current block). Online softmax in f32 VMEM scratch;
+the output block (b, c, i) is revisited only on the consecutive steps u and written at
+u = M − 1, with LSE (+0.7·f32max for a row with no allowed key, whose output is 0).
+dq (`nsa_dq_tpu`): the forward's grid and tables, dq += ds·k in f32 scratch.
+dk/dv (`nsa_dkv_tpu`): grid (B, Hkv, ns, Mt) over the transposed union; the dk/dv block
+(b, c, j) is revisited only on consecutive steps; the G heads of the group are rows of
+the tile, so the GQA group sum happens inside the matmuls.
+
+Roofline (per kv head, nnz = allowed (token, key) pairs, U = Σ_i counts[i] visited
+(tile, block) pairs): executed FLOPs_fwd = 2·U·R·l'·(D + Dv) vs useful
+2·G·nnz·(D + Dv); bytes_fwd ≈ (T·G·(D + Dv) + U·l'·(D + Dv))·b + T·G·(n + 1)·4.
+Without K/V reuse (one token per tile) each K/V byte feeds G rows: intensity ≈ G
+FLOP/byte. With the tile union each loaded block feeds all R = Tq·G rows; the reuse
+achieved is (Σ_i Σ_{t in tile i} n_t)/U = average number of tile tokens that selected a
+visited block (1 … Tq; NSA's forced initial and local blocks are shared by every token
+of a tile, so ≥ 3 of the n blocks are fully reused), and the executed/useful ratio
+(wasted rows) is Tq·U/Σ n_t. Backward ≈ 2.5× forward FLOPs, same tables.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+EMPTY_LSE = -MASK_VALUE
+_HIGHEST = lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))       # a · bᵀ
+
+
+def _interpret_params(interpret):
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def _dot_nt(a, b):
+  return lax.dot_general(a, b, _NT, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _allowed(sel, pos, blk, lsel, s_len):
+  """bool [R, l']: row selected block `blk` and key ≤ pos, key < S."""
+  rows = sel.shape[0]
+  hit = jnp.max(jnp.where(sel == blk, 1.0, 0.0), axis=1, keepdims=True) > 0.0  # [R, 1]
+  key = blk * lsel + lax.broadcasted_iota(jnp.int32, (rows, lsel), 1)
+  return hit & (key <= pos) & (key < s_len)
+
+
+def _fwd_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, sel_ref, pos_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, scale, lsel, s_len, hkv, nt, m_slots):
+  b, c, i, u = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = (b * hkv + c) * nt + i
+
+  @pl.when(u == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(u < cnt_ref[row])
+  def _update():
+    blk = blk_ref[row * m_slots + u]
+    q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
+    allowed = _allowed(sel_ref[0, 0], pos_ref[0], blk, lsel, s_len)
+    s = jnp.where(allowed, _dot_nt(q, k) * scale, MASK_VALUE)       # [R, l']
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
+    m_sc[...] = m_new
+
+  @pl.when(u == m_slots - 1)
+  def _finish():
+    l = l_sc[...]
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    o_ref[0, 0] = (acc_sc[...] / safe_l).astype(o_ref.dtype)
+    lse_ref[0, 0] = jnp.where(empty, EMPTY_LSE, m_sc[...] + jnp.log(safe_l))
+
+
+def _q_specs(rows, hkv, nt, m_slots, d, dv, n, lsel):
+  """BlockSpecs of the (B, Hkv, nT, M) grid: row tiles and the union's K/V block."""
+  q_map = lambda b, c, i, u, blk, cnt: (b, c, i, 0)
+  pos_map = lambda b, c, i, u, blk, cnt: (b, i, 0)
+  kv_map = lambda b, c, i, u, blk, cnt: (b, c, blk[((b * hkv + c) * nt + i) * m_slots + u],
+                                         0)
+  return dict(
+      q=pl.BlockSpec((1, 1, rows, d), q_map), do=pl.BlockSpec((1, 1, rows, dv), q_map),
+      row1=pl.BlockSpec((1, 1, rows, 1), q_map), sel=pl.BlockSpec((1, 1, rows, n), q_map),
+      pos=pl.BlockSpec((1, rows, 1), pos_map),
+      k=pl.BlockSpec((1, 1, lsel, d), kv_map), v=pl.BlockSpec((1, 1, lsel, dv), kv_map))
+
+
+def nsa_fwd_tpu(q, k, v, sel, pos, blocks, counts, *, scale, select_block, block_rows,
+                seq_len, interpret=False):
+  """Forward -> (out [B, Hkv, T·G, Dv] q.dtype, lse f32 [B, Hkv, T·G, 1]). No autodiff.
+
+  blocks int32 [B, Hkv, nT, M], counts int32 [B, Hkv, nT]; block_rows = Tq·G.
+  """
+  b, hkv, tg, d = q.shape
+  dv, n = v.shape[3], sel.shape[3]
+  _, _, nt, m_slots = blocks.shape
+  lsel, rows = select_block, block_rows
+  sp = _q_specs(rows, hkv, nt, m_slots, d, dv, n, lsel)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, hkv, nt, m_slots),
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["sel"], sp["pos"]],
+      out_specs=[pl.BlockSpec((1, 1, rows, dv), sp["q"].index_map), sp["row1"]],
+      scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                      pltpu.VMEM((rows, dv), jnp.float32)])
+  visited = b * hkv * nt * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
+                        nt=nt, m_slots=m_slots),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, tg, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, hkv, tg, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * rows * lsel * (d + dv), transcendentals=visited * rows * lsel,
+          bytes_accessed=b * hkv * tg * (d + dv) * itemsize
+          + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 2) * 4),
+      interpret=_interpret_params(interpret),
+      name="nsa_selection_fwd_tpu",
+  )(blocks.reshape(-1), counts.reshape(-1), q, k, v, sel, pos)
+
+
+def _probs(q, k, lse, allowed, scale):
+  return jnp.where(allowed, jnp.exp(_dot_nt(q, k) * scale - lse), 0.0)
+
+
+def _dq_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, sel_ref,
+               pos_ref, dq_ref, dq_sc, *, scale, lsel, s_len, hkv, nt, m_slots):
+  b, c, i, u = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = (b * hkv + c) * nt + i
+
+  @pl.when(u == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(u < cnt_ref[row])
+  def _update():
+    blk = blk_ref[row * m_slots + u]
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    allowed = _allowed(sel_ref[0, 0], pos_ref[0], blk, lsel, s_len)
+    p = _probs(q, k, lse_ref[0, 0], allowed, scale)
+    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
+    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+
+  @pl.when(u == m_slots - 1)
+  def _finish():
+    dq_ref[0, 0] = (dq_sc[...] * scale).astype(dq_ref.dtype)
+
+
+def nsa_dq_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, counts, *, scale, select_block,
+               block_rows, seq_len, interpret=False):
+  """dq [B, Hkv, T·G, D] (q.dtype); lse, di f32 [B, Hkv, T·G, 1]."""
+  b, hkv, tg, d = q.shape
+  dv, n = v.shape[3], sel.shape[3]
+  _, _, nt, m_slots = blocks.shape
+  lsel, rows = select_block, block_rows
+  sp = _q_specs(rows, hkv, nt, m_slots, d, dv, n, lsel)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, hkv, nt, m_slots),
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["do"], sp["row1"], sp["row1"], sp["sel"],
+                sp["pos"]],
+      out_specs=sp["q"],
+      scratch_shapes=[pltpu.VMEM((rows, d), jnp.float32)])
+  visited = b * hkv * nt * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
+                        nt=nt, m_slots=m_slots),
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((b, hkv, tg, d), q.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * rows * lsel * (2 * d + dv),
+          transcendentals=visited * rows * lsel,
+          bytes_accessed=b * hkv * tg * (2 * d + dv) * itemsize
+          + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 3) * 4),
+      interpret=_interpret_params(interpret),
+      name="nsa_selection_dq_tpu",
+  )(blocks.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
+
+
+def _dkv_kernel(tile_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, sel_ref,
+                pos_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, lsel, s_len, hkv, nb,
+                m_slots):
+  b, c, j, u = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = (b * hkv + c) * nb + j
+
+  @pl.when(u == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(u < cnt_ref[row])
+  def _update():
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    allowed = _allowed(sel_ref[0, 0], pos_ref[0], j, lsel, s_len)
+    p = _probs(q, k, lse_ref[0, 0], allowed, scale)                  # [R, l']
+    dv_sc[...] += _dot(p.astype(do.dtype).T, do)
+    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
+    dk_sc[...] += _dot(ds.astype(q.dtype).T, q)
+
+  @pl.when(u == m_slots - 1)
+  def _finish():
+    dk_ref[0, 0] = (dk_sc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, tiles, counts, *, scale, select_block,
+                block_rows, seq_len, interpret=False):
+  """(dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]); tiles int32 [B, Hkv, ns, Mt] (transposed
+  union), counts int32 [B, Hkv, ns]. GQA group summed (heads are tile rows)."""
+  b, hkv, tg, d = q.shape
+  s, dv, n = k.shape[2], v.shape[3], sel.shape[3]
+  _, _, nb, m_slots = tiles.shape
+  lsel, rows = select_block, block_rows
+
+  def q_map(b_, c, j, u, tile, cnt):
+    return b_, c, tile[((b_ * hkv + c) * nb + j) * m_slots + u], 0
+
+  def pos_map(b_, c, j, u, tile, cnt):
+    return b_, tile[((b_ * hkv + c) * nb + j) * m_slots + u], 0
+
+  kv_map = lambda b_, c, j, u, tile, cnt: (b_, c, j, 0)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, hkv, nb, m_slots),
+      in_specs=[pl.BlockSpec((1, 1, rows, d), q_map),
+                pl.BlockSpec((1, 1, lsel, d), kv_map),
+                pl.BlockSpec((1, 1, lsel, dv), kv_map),
+                pl.BlockSpec((1, 1, rows, dv), q_map),
+                pl.BlockSpec((1, 1, rows, 1), q_map),
+                pl.BlockSpec((1, 1, rows, 1), q_map),
+                pl.BlockSpec((1, 1, rows, n), q_map),
+                pl.BlockSpec((1, rows, 1), pos_map)],
+      out_specs=[pl.BlockSpec((1, 1, lsel, d), kv_map),
+                 pl.BlockSpec((1, 1, lsel, dv), kv_map)],
+      scratch_shapes=[pltpu.VMEM((lsel, d), jnp.float32),
+                      pltpu.VMEM((lsel, dv), jnp.float32)])
+  visited = b * hkv * nb * m_slots
+  itemsize = q.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
+                        nb=nb, m_slots=m_slots),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
+                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * visited * rows * lsel * (2 * d + 2 * dv),
+          transcendentals=visited * rows * lsel,
+          bytes_accessed=b * hkv * s * 2 * (d + dv) * itemsize
+          + visited * rows * (d + dv) * itemsize + visited * rows * (n + 3) * 4),
+      interpret=_interpret_params(interpret),
+      name="nsa_selection_dkv_tpu",
+  )(tiles.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
+
+
+__all__ = ["nsa_fwd_tpu", "nsa_dq_tpu", "nsa_dkv_tpu", "MASK_VALUE", "EMPTY_LSE"]

@@ -1,0 +1,193 @@
+"""Tests of pallas_kernels.nsa (NSA selection branch): interpret mode vs the XLA reference
+`sparsejax.ops.nsa.selected_attention` (forward and dq, dk, dv), rows with no valid block,
+decode offsets, the op's impl dispatch, and lowering for ("tpu",) and ("cuda",).
+
+The TPU (Mosaic) kernels run with `interpret=pltpu.InterpretParams()` (~20 ms per grid
+step on CPU, and each case costs a few seconds of compilation), so the cases are few and
+tiny (T, S ≤ 64, l' = 16, n = 2..3, G = 2, D = 16); kernel and reference run in one jit.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.nsa import (csr_from_bool, inverse_csr, nsa_selection_kernel,
+                                union_stats, union_tables)
+from sparsejax.ops.nsa import select_blocks, selected_attention  # tests only
+
+L_SEL = 16
+
+
+def interpret_for(backend):
+  return pltpu.InterpretParams() if backend == "tpu" else True
+
+
+def inputs(seed, b, t, s, hq, hkv, d, dv, n, positions=None, drop=0.25):
+  """Random q, k, v, cotangent and NSA-style (idx, valid): top-n of random scores with
+  the current block forced (so tokens of one tile select different blocks), some slots
+  invalidated, and tokens 0..3 of every batch row with no valid block at all (their
+  output must be 0)."""
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  ns = -(-s // L_SEL)
+  pos = (np.broadcast_to(np.arange(t), (b, t)) if positions is None
+         else np.asarray(positions))
+  scores = jnp.asarray(rng.random((b, t, hkv, ns)), jnp.float32)
+  idx, valid = select_blocks(scores, jnp.asarray(pos, jnp.int32), n, L_SEL,
+                             num_initial=0, num_local=1)
+  keep = rng.random(valid.shape) > drop
+  keep[:, :4] = False
+  valid = np.asarray(valid) & keep
+  qp = None if positions is None else jnp.asarray(pos, jnp.int32)
+  return (f(b, t, hq, d), f(b, s, hkv, d), f(b, s, hkv, dv), f(b, t, hq, dv),
+          np.asarray(idx), valid, qp)
+
+
+def run_both(q, k, v, cot, idx, valid, qp, kernel_fn):
+  """((out, dq, dk, dv) of kernel_fn, same of the XLA reference), in one jit."""
+  @jax.jit
+  def both(q, k, v, cot):
+    res = []
+    ref = lambda q, k, v: selected_attention(q, k, v, idx, valid, L_SEL, q_positions=qp)
+    for fn in (kernel_fn, ref):
+      out, vjp = jax.vjp(fn, q, k, v)
+      res.append((out.astype(jnp.float32),) + vjp(cot))
+    return res
+  return both(q, k, v, cot)
+
+
+def assert_close(x, y, tol=2e-5):
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  assert x.shape == y.shape and np.all(np.isfinite(x))
+  scale = max(1.0, float(np.abs(y).max()))
+  np.testing.assert_allclose(x, y, atol=tol * scale, rtol=tol)
+
+
+# backend -> (B, T, S, n, block_q, decode positions or None). GPU: a decode chunk
+# (T = 16 tokens at positions 40..55 of a 64-key cache) with B = 2; TPU: training
+# (T = S = 48, three query tiles of 16 so the union tables have several rows).
+CASES = {
+    "gpu": (2, 16, 64, 3, None, np.broadcast_to(np.arange(40, 56), (2, 16))),
+    "tpu": (1, 48, 48, 2, 16, None),
+}
+
+
+@pytest.mark.parametrize("backend", list(CASES))
+def test_matches_reference(backend, rng_seed):
+  b, t, s, n, bq, positions = CASES[backend]
+  q, k, v, cot, idx, valid, qp = inputs(rng_seed, b, t, s, 4, 2, 16, 16, n, positions)
+  kern = lambda q, k, v: nsa_selection_kernel(
+      q, k, v, idx, valid, select_block=L_SEL, q_positions=qp, block_q=bq,
+      backend=backend, interpret=interpret_for(backend))
+  got, want = run_both(q, k, v, cot, idx, valid, qp, kern)
+  for x, y in zip(got, want):
+    assert_close(x, y)
+  out, dq = np.asarray(got[0]), np.asarray(got[1])
+  assert (out[:, :4] == 0).all() and (dq[:, :4] == 0).all()    # no valid block -> 0
+  # A valid selected block always holds a key <= t (select_blocks never picks a
+  # future block), so exactly the rows with no valid slot are 0.
+  empty = np.repeat(~np.asarray(valid).any(-1), 2, axis=2)      # [B, T, Hq]
+  assert ((np.abs(out).max(-1) == 0) == empty).all()
+  assert (np.asarray(valid).sum(-1) < n).any()                  # some slots invalid
+  if backend == "tpu":   # tiles share blocks, but not every row of a tile uses each one
+    stats = union_stats(idx, valid, L_SEL, s, bq)
+    assert stats["reuse"] > 1 and stats["row_efficiency"] < 1
+
+
+def test_op_interpret_dispatch(rng_seed):
+  """selected_attention(impl="interpret") (TPU kernel on CPU, default tile, S not a
+  multiple of l') equals impl="xla" (forward: the grads are the kernel's custom_vjp,
+  tested above); impl="pallas" on CPU raises."""
+  q, k, v, _, idx, valid, _ = inputs(rng_seed, 1, 24, 24, 2, 1, 16, 16, 2)
+  run = jax.jit(lambda q, k, v: [selected_attention(q, k, v, idx, valid, L_SEL, impl=i)
+                                 for i in ("interpret", "xla")])
+  got, want = run(q, k, v)
+  assert got.dtype == jnp.float32
+  assert_close(got, want)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
+      selected_attention(q, k, v, idx, valid, L_SEL, impl="pallas")
+
+
+def test_tables():
+  hit = jnp.asarray([[True, False, True, False], [False] * 4, [False, True, False, False]])
+  ids, counts = jax.jit(csr_from_bool, static_argnums=1)(hit, 3)
+  np.testing.assert_array_equal(counts, [2, 0, 1])
+  np.testing.assert_array_equal(ids[0], [0, 2, 2])              # padded with the last id
+  np.testing.assert_array_equal(ids[2], [1, 1, 1])
+  sel = jnp.asarray([[[[0, 1], [0, -1], [2, 0], [-1, -1]]]], jnp.int32)   # [B,Hkv,T,n]
+  hit, (blocks, bcounts), (tiles, tcounts) = jax.jit(union_tables, static_argnums=(1, 2))(
+      sel, 3, 2)
+  np.testing.assert_array_equal(hit[0, 0], [[True, True, False], [True, False, True]])
+  np.testing.assert_array_equal(bcounts[0, 0], [2, 2])
+  np.testing.assert_array_equal(blocks[0, 0], [[0, 1, 1], [0, 2, 2]])
+  np.testing.assert_array_equal(tcounts[0, 0], [2, 1, 1])
+  np.testing.assert_array_equal(tiles[0, 0], [[0, 1], [0, 0], [1, 1]])
+  offsets, tokens = jax.jit(inverse_csr, static_argnums=1)(jnp.swapaxes(sel, 1, 2), 3)
+  np.testing.assert_array_equal(offsets[0, 0], [0, 3, 4, 5])
+  np.testing.assert_array_equal(tokens[0, 0, :5], [0, 1, 2, 0, 2])
+  stats = union_stats(np.asarray(sel[:, 0, :, :])[:, :, None], np.ones((1, 4, 1, 2)),
+                      L_SEL, 3 * L_SEL, 2)
+  assert stats["selected"] == 5 and stats["visited"] == 4
+
+
+def test_errors():
+  q, k, v = jnp.ones((1, 32, 2, 16)), jnp.ones((1, 32, 1, 16)), jnp.ones((1, 32, 1, 16))
+  idx, valid = jnp.zeros((1, 32, 1, 2), jnp.int32), jnp.ones((1, 32, 1, 2), bool)
+  kw = dict(select_block=16, interpret=True)
+  with pytest.raises(ValueError, match="backend='cpu'"):
+    nsa_selection_kernel(q, k, v, idx, valid, backend="cpu", **kw)
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    nsa_selection_kernel(q, k, v, idx, valid, backend="gpu", **dict(kw, select_block=8))
+  with pytest.raises(ValueError, match="block_idx shape"):
+    nsa_selection_kernel(q, k, v, idx[:, :16], valid[:, :16], backend="tpu", **kw)
+  with pytest.raises(ValueError, match="block_q=5"):
+    nsa_selection_kernel(q, k, v, idx, valid, backend="tpu", block_q=5, **kw)
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    nsa_selection_kernel(q.astype(jnp.float16), k, v, idx, valid, backend="tpu", **kw)
+
+
+def _custom_call_targets(lowered):
+  return set(re.findall(r"custom_call @([^\s(]+)\(", lowered.as_text()))
+
+
+def _lowered(backend, dtype, t=256, hq=8, hkv=2, d=128, lsel=64, n=4):
+  @jax.jit
+  def f(q, k, v, d_out, idx, valid):
+    fn = lambda q, k, v: nsa_selection_kernel(q, k, v, idx, valid, select_block=lsel,
+                                              backend=backend)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out,) + vjp(d_out)
+
+  sd = jax.ShapeDtypeStruct
+  args = (sd((1, t, hq, d), dtype), sd((1, t, hkv, d), dtype), sd((1, t, hkv, d), dtype),
+          sd((1, t, hq, d), dtype), sd((1, t, hkv, n), jnp.int32),
+          sd((1, t, hkv, n), jnp.bool_))
+  platform = "tpu" if backend == "tpu" else "cuda"
+  return f.trace(*args).lower(lowering_platforms=(platform,))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_lowering(dtype):
+  lowered = _lowered("tpu", dtype)
+  assert "tpu_custom_call" in _custom_call_targets(lowered)
+  text = lowered.as_text()
+  for name in ("fwd", "dq", "dkv"):
+    assert f"nsa_selection_{name}_tpu" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_lowering(dtype):
+  assert pltriton.CompilerParams(num_warps=4).num_warps == 4
+  lowered = _lowered("gpu", dtype)
+  assert "__gpu$xla.gpu.triton" in _custom_call_targets(lowered)
+  text = lowered.as_text()
+  assert "num_warps = 4" in text
+  for name in ("fwd", "dq", "dkv"):
+    assert f"nsa_selection_{name}_gpu" in text
+
