@@ -26,10 +26,10 @@ compare: $(VENV)/.installed
 	$(PY) experiments/compare.py --reduced --workdir=workdir/compare
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) workdir
