@@ -119,7 +119,7 @@ def bsa_fwd_tpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
   """Forward: -> (out [B, Hq, T, Dv] q.dtype, lse f32 [B, Hq, T, 1]). No autodiff."""
   del kv_counts                                  # slot_kind is 0 past the count
   b, hq, t, d = q.shape
-  hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+  hkv, dv = k.shape[1], v.shape[3]
   bq, bkv = block_q, block_kv
   hm, nq, m_slots = kv_blocks.shape
   per_head = hm > 1
