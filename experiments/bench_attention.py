@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -78,7 +77,8 @@ from sparsejax.ops.sparse_attention import block_sparse_attention  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import results_log  # noqa: E402  (sibling module)
+import results_log  # noqa: E402  (sibling modules)
+from timing import time_methods  # noqa: E402
 
 _SCALING_FLAGS = (
     flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"],
@@ -206,28 +206,6 @@ def growth_exponent(lengths, values) -> float:
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def time_methods(methods, args, repeats: int, min_sample_s: float) -> dict[str, list]:
-  """Per-call times (s) of every method, interleaved round-robin across samples."""
-  inner = {}
-  for name, fn in methods.items():
-    jax.block_until_ready(fn(*args[name]))             # compile + warm up
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args[name]))
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner[name] = max(1, math.ceil(min_sample_s / once))
-  samples = {name: [] for name in methods}
-  for _ in range(repeats):
-    for name, fn in methods.items():
-      n, a = inner[name], args[name]
-      t0 = time.perf_counter()
-      out = None
-      for _ in range(n):
-        out = fn(*a)
-      jax.block_until_ready(out)
-      samples[name].append((time.perf_counter() - t0) / n)
-  return samples
 
 
 def attention_fn(method: str, t: int, cfg: dict, impl: str):

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
-import time
 
 from absl import app, flags
 import jax
@@ -57,7 +55,8 @@ from sparsejax.ops import moe as moe_ops  # noqa: E402
 from sparsejax.sharding import unbox  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_log  # noqa: E402  (sibling module)
+import results_log  # noqa: E402  (sibling modules)
+from timing import time_methods  # noqa: E402
 
 _TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens T of the training-shaped run.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model dim D.")
@@ -173,31 +172,6 @@ def assert_close(name: str, ref, got, rtol: float = 2e-4) -> float:
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def time_methods(methods, args, repeats: int, min_sample_s: float) -> dict[str, list]:
-  """Per-call times (s) of every method, interleaved round-robin across samples."""
-  inner = {}
-  for name, fn in methods.items():
-    jax.block_until_ready(fn(*args[name]))             # compile + warm up
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args[name]))
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner[name] = max(1, math.ceil(min_sample_s / once))
-  samples = {name: [] for name in methods}
-  for _ in range(repeats):
-    for name, fn in methods.items():
-      n, a = inner[name], args[name]
-      t0 = time.perf_counter()
-      out = None
-      for _ in range(n):
-        out = fn(*a)
-      jax.block_until_ready(out)
-      samples[name].append((time.perf_counter() - t0) / n)
-  return samples
-
-
-# --------------------------------------------------------------------------------- run
 
 
 def bench_train(*, t, d, e, k, f, capacity_factor, repeats, min_sample_s, seed, header):
