@@ -257,15 +257,16 @@ class UltraMemLayer(_ProductKeyBase):
     return y.reshape(x.shape)
 
   def _rank_one(self, cores: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(u, v) [H, r] for this forward; stored when "memory_state" is mutable."""
+    """(u, v) [H, r] for this forward; stored when "memory_state" is mutable (always
+    at init, so the stored surrogate starts from the SVD, never from zeros)."""
     first = not self.has_variable("memory_state", "tucker_u")
-    u_var = self.variable("memory_state", "tucker_u",
-                          lambda: product_keys.tucker_rank_one(cores)[0])
-    v_var = self.variable("memory_state", "tucker_v",
-                          lambda: product_keys.tucker_rank_one(cores)[1])
+    zeros = lambda: jnp.zeros((cores.shape[0], cores.shape[-1]), jnp.float32)   # [H, r]
+    u_var = self.variable("memory_state", "tucker_u", zeros)
+    v_var = self.variable("memory_state", "tucker_v", zeros)
     if first:
-      return u_var.value, v_var.value
-    u, v = product_keys.tucker_rank_one(cores, u_var.value, v_var.value)
+      u, v = product_keys.tucker_rank_one(cores)
+    else:
+      u, v = product_keys.tucker_rank_one(cores, u_var.value, v_var.value)
     if self.is_mutable_collection("memory_state"):
       u_var.value, v_var.value = u, v
     return u, v
