@@ -43,19 +43,10 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+# Triton compiler params and the f32 HIGHEST matmul of the block-sparse kernels.
+from pallas_kernels.block_sparse_attention.gpu import _dot, _params
 from pallas_kernels.nsa.tpu import EMPTY_LSE, MASK_VALUE
-
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _params(num_warps, num_stages=1):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _keys_allowed(blk, p_t, lsel, s_len):

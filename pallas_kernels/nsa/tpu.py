@@ -42,27 +42,13 @@ import functools
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-EMPTY_LSE = -MASK_VALUE
-_HIGHEST = lax.Precision.HIGHEST
-_NT = (((1,), (1,)), ((), ()))       # a · bᵀ
-
-
-def _interpret_params(interpret):
-  return pltpu.InterpretParams() if interpret is True else interpret
-
-
-def _dot_nt(a, b):
-  return lax.dot_general(a, b, _NT, precision=_HIGHEST,
-                         preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+# The finite mask value, interpret-mode helper and f32 HIGHEST matmuls of the
+# block-sparse attention kernels.
+from pallas_kernels.block_sparse_attention.tpu import (EMPTY_LSE, MASK_VALUE, _dot,
+                                                       _dot_nt, _interpret_params)
 
 
 def _allowed(sel, pos, blk, lsel, s_len):
