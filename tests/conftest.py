@@ -58,3 +58,13 @@ def experiment_module(name):
   finally:
     for flag in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, flag)
+
+
+def run_main(module, argv):
+  """Parses `argv` into absl flags, runs `module.main`, then resets the flags."""
+  from absl import flags
+  flags.FLAGS(argv)
+  try:
+    module.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()

@@ -3,10 +3,9 @@
 
 import json
 
-from absl import flags
 import pytest
 
-from conftest import experiment_module
+from conftest import experiment_module, run_main
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +30,7 @@ def test_main_writes_jsonl_plot_and_results_section(bench, tmp_path, capsys,
   out, md, png = tmp_path / "a.jsonl", tmp_path / "RESULTS.md", tmp_path / "a.png"
   monkeypatch.setattr(bench.results_log, "RESULTS_MD", str(md))
   argv = ["bench_attention", *TINY, f"--out={out}", f"--plot={png}", "--record"]
-  flags.FLAGS(argv)
-  try:
-    bench.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(bench, argv)
 
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   scaling = [r for r in rows if r["bench"] == "attention_scaling"]

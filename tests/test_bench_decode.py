@@ -2,10 +2,9 @@
 
 import json
 
-from absl import flags
 import pytest
 
-from conftest import experiment_module
+from conftest import experiment_module, run_main
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,7 @@ def test_main_writes_jsonl_plot_and_results_section(bench, tmp_path, capsys,
   out, md, png = tmp_path / "decode.jsonl", tmp_path / "RESULTS.md", tmp_path / "d.png"
   monkeypatch.setattr(bench.results_log, "RESULTS_MD", str(md))
   argv = ["bench_decode", *TINY, f"--out={out}", f"--plot={png}", "--record"]
-  flags.FLAGS(argv)
-  try:
-    bench.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(bench, argv)
 
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert sorted((r["batch"], r["model"]) for r in rows) == sorted(

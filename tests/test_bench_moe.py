@@ -2,11 +2,10 @@
 
 import json
 
-from absl import flags
 import numpy as np
 import pytest
 
-from conftest import experiment_module
+from conftest import experiment_module, run_main
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,7 @@ def test_main_writes_jsonl_and_results_section(bench, tmp_path, capsys, monkeypa
   argv = ["bench_moe", "--tokens=16", "--d_model=8", "--num_experts=4", "--top_k=2",
           "--d_expert=8", "--capacity_factor=1.0", "--batch_sizes=1", "--repeats=1",
           "--min_sample_ms=0", f"--out={out}", "--record"]
-  flags.FLAGS(argv)
-  try:
-    bench.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(bench, argv)
 
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   train = [r for r in rows if r["bench"] == "train"]

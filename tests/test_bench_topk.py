@@ -2,11 +2,10 @@
 
 import json
 
-from absl import flags
 import numpy as np
 import pytest
 
-from conftest import experiment_module
+from conftest import experiment_module, run_main
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,7 @@ def test_main_writes_jsonl_and_markdown(bench, tmp_path, capsys):
   argv = ["bench_topk", "--rows=8", "--lengths=128", "--ratio=0.5",
           "--dtype=f32", "--repeats=1", "--min_sample_ms=0", f"--out={out}",
           "--markdown", f"--results_md={md}"]
-  flags.FLAGS(argv)
-  try:
-    bench.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(bench, argv)
 
   records = [json.loads(line) for line in out.read_text().splitlines()]
   checks = [r for r in records if r["method"] == "interpret"]

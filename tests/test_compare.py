@@ -4,10 +4,9 @@ tiny model (2 steps, moe + ultramem)."""
 import json
 import math
 
-from absl import flags
 import pytest
 
-from conftest import experiment_module
+from conftest import experiment_module, run_main
 from sparsejax.models.config import parse_model_config
 
 
@@ -61,11 +60,7 @@ def test_main_writes_report(compare, tmp_path, monkeypatch):
           "optim": {"warmup_steps": 1}, "train": {"eval_batches": 1}}
   argv = ["compare", f"--workdir={workdir}", "--steps=2", "--variants=moe,ultramem",
           f"--overrides={json.dumps(tiny)}", "--record"]
-  flags.FLAGS(argv)
-  try:
-    compare.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(compare, argv)
 
   report = (workdir / "report.md").read_text()
   for column in ("val loss", "Δ vs dense", "bits/byte", "total params (non-emb.)",
