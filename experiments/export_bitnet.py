@@ -23,7 +23,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from sparsejax.models import DecoderLM
-from sparsejax.ops.dispatch import set_default_impl
 from sparsejax.ops.ternary_pack import FORMATS
 from sparsejax.train.export import export_ternary, load_ternary, restore_latent
 
@@ -45,7 +44,6 @@ def main(argv):
   out = _OUT.value or os.path.join(_WORKDIR.value, f"export_{_FORMAT.value}")
   try:
     config, latent, step = restore_latent(_WORKDIR.value, _STEP.value)
-    set_default_impl(config.kernels.impl)
     print(f"exporting step {step} of {_WORKDIR.value} ({config.model.linear}) to {out}")
     export_ternary(_WORKDIR.value, out, format=_FORMAT.value, step=step)
   except (FileNotFoundError, ValueError) as e:

@@ -51,17 +51,13 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._common import BACKENDS, default_backend
 from pallas_kernels.block_sparse_attention.gpu import (bsa_dkv_gpu, bsa_dq_gpu,
                                                        bsa_fwd_gpu)
-from pallas_kernels.block_sparse_attention.tpu import (MASK_VALUE, bsa_dkv_tpu,
-                                                       bsa_dq_tpu, bsa_fwd_tpu)
+from pallas_kernels._common import MASK_VALUE
+from pallas_kernels.block_sparse_attention.tpu import bsa_dkv_tpu, bsa_dq_tpu, bsa_fwd_tpu
 
-BACKENDS = ("tpu", "gpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _default_backend() -> str:
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
 def _pow2(n: int) -> bool:
@@ -154,7 +150,7 @@ def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
     out [B, Hq, T, Dv] in q.dtype.
   """
   q, k, v = map(jnp.asarray, (q, k, v))
-  backend = _default_backend() if backend is None else backend
+  backend = default_backend() if backend is None else backend
   raw = (kv_blocks, kv_counts, block_kind, partial_masks, partial_index, q_blocks,
          q_counts)
   raw = tuple(x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)

@@ -32,19 +32,10 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.block_sparse_attention.tpu import EMPTY_LSE, FULL, MASK_VALUE
-
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _params(num_warps, num_stages=1):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+from pallas_kernels._common import EMPTY_LSE, MASK_VALUE, dot
+from pallas_kernels._common import triton_params
+from pallas_kernels.block_sparse_attention.tpu import FULL
 
 
 def _mhead(h, per_head):
@@ -65,7 +56,7 @@ def _fwd_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_re
     j = blk_ref[slot]
     k = k_ref[b, c, pl.ds(j * bkv, bkv), :]
     v = v_ref[b, c, pl.ds(j * bkv, bkv), :]
-    s = _dot(q, k.T) * scale
+    s = dot(q, k.T) * scale
 
     def full(s):
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
@@ -79,7 +70,7 @@ def _fwd_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_re
 
     m_new, p = lax.cond(kind_ref[slot] == FULL, full, partial, s)
     alpha = jnp.exp(m_prev - m_new)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
     return acc, m_new, alpha * l_prev + jnp.sum(p, axis=-1)
 
   init = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -109,7 +100,7 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
       grid=(b, hq, nq),
       out_shape=[jax.ShapeDtypeStruct((b, hq, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
-      compiler_params=_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (d + dv),
           transcendentals=visited * block_q * block_kv,
@@ -122,7 +113,7 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
 
 
 def _probs(q, k, lse, tile, kind, pm_ref, scale):
-  s = _dot(q, k.T) * scale
+  s = dot(q, k.T) * scale
   p = jnp.exp(s - lse[:, None])
   return lax.cond(kind == FULL, lambda p: p,
                   lambda p: jnp.where(pm_ref[tile, :, :] != 0, p, 0.0), p)
@@ -143,8 +134,8 @@ def _dq_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref
     k = k_ref[b, c, pl.ds(j * bkv, bkv), :]
     v = v_ref[b, c, pl.ds(j * bkv, bkv), :]
     p = _probs(q, k, lse, tile_ref[slot], kind_ref[slot], pm_ref, scale)
-    ds = p * (_dot(do, v.T) - di[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = p * (dot(do, v.T) - di[:, None])
+    return dq + dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, cnt_ref[row], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[b, h, rows, :] = (dq * scale).astype(dq_ref.dtype)
@@ -163,7 +154,7 @@ def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
                         per_head=hm > 1, bq=block_q, bkv=block_kv),
       grid=(b, hq, nq),
       out_shape=jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
-      compiler_params=_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + dv),
           transcendentals=visited * block_q * block_kv,
@@ -192,9 +183,9 @@ def _dkv_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_re
       rows = pl.ds(blk_ref[slot] * bq, bq)
       q, do = q_ref[b, h, rows, :], do_ref[b, h, rows, :]
       p = _probs(q, k, lse_ref[b, h, rows], tile_ref[slot], kind_ref[slot], pm_ref, scale)
-      dv = dv + _dot(p.astype(do.dtype).T, do)
-      ds = p * (_dot(do, v.T) - di_ref[b, h, rows][:, None])
-      return dk + _dot(ds.astype(q.dtype).T, q), dv
+      dv = dv + dot(p.astype(do.dtype).T, do)
+      ds = p * (dot(do, v.T) - di_ref[b, h, rows][:, None])
+      return dk + dot(ds.astype(q.dtype).T, q), dv
 
     return lax.fori_loop(0, cnt_ref[row], body, carry)
 
@@ -218,7 +209,7 @@ def bsa_dkv_gpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
       grid=(b, hkv, nkv),
       out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
                  jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
-      compiler_params=_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + 2 * dv),
           transcendentals=visited * block_q * block_kv,

@@ -35,29 +35,13 @@ import functools
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Finite "minus infinity" (as sparsejax.ops.sparse_attention.MASK_VALUE).
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-EMPTY_LSE = -MASK_VALUE              # LSE of a row with no allowed key: exp(s - lse) = 0
+from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt,
+                                    interpret_params)
+
 FULL, PARTIAL = 2, 1
-_HIGHEST = lax.Precision.HIGHEST
-_NT = (((1,), (1,)), ((), ()))       # a · bᵀ
-
-
-def _interpret_params(interpret):
-  return pltpu.InterpretParams() if interpret is True else interpret
-
-
-def _dot_nt(a, b):
-  return lax.dot_general(a, b, _NT, precision=_HIGHEST,
-                         preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _mhead(h, per_head):
@@ -77,7 +61,7 @@ def _fwd_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_ref, o_ref,
 
   def update(masked):
     q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
-    s = _dot_nt(q, k) * scale                                         # [bq, bkv]
+    s = dot_nt(q, k) * scale                                         # [bq, bkv]
     if masked:
       allowed = pm_ref[0] != 0
       s = jnp.where(allowed, s, MASK_VALUE)
@@ -88,7 +72,7 @@ def _fwd_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_ref, o_ref,
       p = jnp.where(allowed, p, 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
+    acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v.dtype), v)
     m_sc[...] = m_new
 
   pl.when(kind == FULL)(lambda: update(False))
@@ -150,14 +134,14 @@ def bsa_fwd_tpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
           flops=2 * visited * bq * bkv * (d + dv), transcendentals=visited * bq * bkv,
           bytes_accessed=b * hq * t * (d + dv) * itemsize
           + visited * bkv * (d + dv) * itemsize + b * hq * t * 4),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="block_sparse_attention_fwd_tpu",
   )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, tiles)
 
 
 def _probs(q, k, lse, pm_ref, scale, masked):
   """p = exp(scale·q·kᵀ - lse) [bq, bkv] (0 where the tile forbids)."""
-  p = jnp.exp(_dot_nt(q, k) * scale - lse)
+  p = jnp.exp(dot_nt(q, k) * scale - lse)
   if masked:
     p = jnp.where(pm_ref[0] != 0, p, 0.0)
   return p
@@ -175,8 +159,8 @@ def _dq_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   def update(masked):
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     p = _probs(q, k, lse_ref[0, 0], pm_ref, scale, masked)
-    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
-    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+    ds = p * (dot_nt(do, v) - di_ref[0, 0])
+    dq_sc[...] += dot(ds.astype(k.dtype), k)
 
   pl.when(kind == FULL)(lambda: update(False))
   pl.when(kind == PARTIAL)(lambda: update(True))
@@ -221,7 +205,7 @@ def bsa_dq_tpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
           flops=2 * visited * bq * bkv * (2 * d + dv), transcendentals=visited * bq * bkv,
           bytes_accessed=b * hq * t * (2 * d + dv) * itemsize
           + visited * bkv * (d + dv) * itemsize + b * hq * t * 8),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="block_sparse_attention_dq_tpu",
   )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
     d_out, lse, di[..., None], tiles)
@@ -242,9 +226,9 @@ def _dkv_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_re
   def update(masked):
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     p = _probs(q, k, lse_ref[0, 0], pm_ref, scale, masked)           # [bq, bkv]
-    dv_sc[...] += _dot(p.astype(do.dtype).T, do)
-    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
-    dk_sc[...] += _dot(ds.astype(q.dtype).T, q)
+    dv_sc[...] += dot(p.astype(do.dtype).T, do)
+    ds = p * (dot_nt(do, v) - di_ref[0, 0])
+    dk_sc[...] += dot(ds.astype(q.dtype).T, q)
 
   pl.when(kind == FULL)(lambda: update(False))
   pl.when(kind == PARTIAL)(lambda: update(True))
@@ -308,7 +292,7 @@ def bsa_dkv_tpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
           transcendentals=visited * bq * bkv,
           bytes_accessed=b * hkv * s * 2 * (d + dv) * itemsize
           + visited * bq * (d + dv) * itemsize + visited * bq * 8),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="block_sparse_attention_dkv_tpu",
   )(q_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, d_out,
     lse, di[..., None], tiles)

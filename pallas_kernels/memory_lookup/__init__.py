@@ -20,16 +20,12 @@ import operator
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import BACKENDS, default_backend
 from pallas_kernels.memory_lookup.gpu import (lookup_dvalues_gpu, lookup_dweights_gpu,
                                               lookup_fwd_gpu)
 from pallas_kernels.memory_lookup.tpu import (SUPPORTED_DTYPES, lookup_dvalues_tpu,
                                               lookup_dweights_tpu, lookup_fwd_tpu)
 
-BACKENDS = ("tpu", "gpu")
-
-
-def _default_backend() -> str:
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
 def _check(values, indices, weights, groups, num_groups, backend) -> int:
@@ -89,7 +85,7 @@ def memory_lookup_kernel(values: jax.Array, indices: jax.Array, weights: jax.Arr
     out [L, G, v] in result_type(values, weights).
   """
   values, indices, weights, groups = map(jnp.asarray, (values, indices, weights, groups))
-  backend = _default_backend() if backend is None else backend
+  backend = default_backend() if backend is None else backend
   num_groups = _check(values, indices, weights, groups, num_groups, backend)
   indices = indices.astype(jnp.int32)
   groups = groups.astype(jnp.int32)

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._common import triton_params
+
 MAX_BLOCK_V = 512          # default column chunk (elements)
 ACC_ELEMENTS = 8192        # bound on the forward's f32 [Gp, BV] accumulator
 
@@ -52,10 +54,6 @@ def block_v(v: int, num_groups: int = 1, block: int | None = None) -> int:
       raise ValueError(f"block_v={block} must be a power of two")
     bv = block
   return bv
-
-
-def _params(num_warps):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _fwd_kernel(idx_ref, w_ref, g_ref, v_ref, o_ref, *, k, v, num_groups, gp, bv):
@@ -89,7 +87,7 @@ def lookup_fwd_gpu(values, indices, weights, groups, num_groups: int, *,
                         gp=pl.next_power_of_2(num_groups), bv=bv),
       grid=(l, pl.cdiv(v, bv)),
       out_shape=jax.ShapeDtypeStruct((l, num_groups, v), out_dtype),
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * l * k * num_groups * v, transcendentals=0,
           bytes_accessed=l * k * v * values.dtype.itemsize
@@ -134,7 +132,7 @@ def lookup_dvalues_gpu(values, indices, weights, groups, d_out, *,
       functools.partial(_dv_kernel, v=v, bv=bv),
       grid=(n, pl.cdiv(v, bv)),
       out_shape=jax.ShapeDtypeStruct((n, v), values.dtype),
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * m * v, transcendentals=0,
           bytes_accessed=m * v * dy.dtype.itemsize + n * v * values.dtype.itemsize
@@ -179,7 +177,7 @@ def lookup_dweights_gpu(values, indices, groups, d_out, *, interpret: bool = Fal
                         num_groups=num_groups),
       grid=(l,),
       out_shape=jax.ShapeDtypeStruct((l, k), jnp.float32),
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * l * k * v, transcendentals=0,
           bytes_accessed=l * k * v * (values.dtype.itemsize + d_out.dtype.itemsize)

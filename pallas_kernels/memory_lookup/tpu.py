@@ -48,17 +48,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._common import HIGHEST, interpret_params
+
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 TOKEN_TILE = 8            # tokens per forward / d_weights grid step
 ROW_TILE = 32             # value rows per d_values grid step
 CHUNK = 64                # sorted lookups per d_values DMA chunk
 SMEM_INDEX_BYTES = 512 * 1024   # max scalar-prefetched index bytes per forward call
 
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _interpret_params(interpret):
-  return pltpu.InterpretParams() if interpret is True else interpret
 
 
 def _pad_tokens(x, lp):
@@ -119,7 +116,7 @@ def _fwd_kernel(idx_ref, v_hbm, w_ref, g_ref, o_ref, buf, sem, *, tl, k, num_gro
   for t in range(tl):
     rows = buf[slot, t].astype(jnp.float32)                        # [K, v]
     onehot = jnp.where(gi == g[t:t + 1, :], w[t:t + 1, :], 0.0)    # [G, K]
-    o_ref[t] = jnp.dot(onehot, rows, precision=_HIGHEST,
+    o_ref[t] = jnp.dot(onehot, rows, precision=HIGHEST,
                        preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
@@ -130,7 +127,7 @@ def _dw_kernel(idx_ref, v_hbm, g_ref, dy_ref, dw_ref, buf, sem, *, tl, k, num_gr
   for t in range(tl):
     rows = buf[slot, t].astype(jnp.float32)                        # [K, v]
     dy = dy_ref[t].astype(jnp.float32)                             # [G, v]
-    s = lax.dot_general(dy, rows, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+    s = lax.dot_general(dy, rows, (((1,), (1,)), ((), ())), precision=HIGHEST,
                         preferred_element_type=jnp.float32)        # [G, K]
     dw_ref[pl.ds(t, 1), :] = jnp.sum(jnp.where(gi == g[t:t + 1, :], s, 0.0), axis=0,
                                      keepdims=True)
@@ -155,7 +152,7 @@ def _gather_call(kernel, idx, values, block_args, block_specs, out_shape, out_sp
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       cost_estimate=pl.CostEstimate(flops=2 * lp * k * v, transcendentals=0,
                                     bytes_accessed=bytes_accessed),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name=name,
   )(idx.reshape(-1), values, *block_args)
 
@@ -285,7 +282,7 @@ def _dv_kernel(bounds_ref, dy_hbm, src_hbm, row_hbm, w_hbm, dv_ref,
     onehot = lax.fori_loop(0, cnt, onehot_col, jnp.zeros((r, c), jnp.float32))
     lax.fori_loop(0, cnt, wait, 0)
     rows = jnp.where(cr < cnt, buf[...].astype(jnp.float32), 0.0)  # stale rows -> 0
-    acc[...] += jnp.dot(onehot, rows, precision=_HIGHEST,
+    acc[...] += jnp.dot(onehot, rows, precision=HIGHEST,
                         preferred_element_type=jnp.float32)
     return carry
 
@@ -327,7 +324,7 @@ def lookup_dvalues_tpu(values, indices, weights, groups, d_out, *, interpret=Fal
           flops=2 * m * v, transcendentals=0,
           bytes_accessed=m * v * dy.dtype.itemsize + npad * v * values.dtype.itemsize
           + m * 12),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="memory_lookup_dvalues_tpu",
   )(bounds, dy, pad(src), pad(rows), pad(w))
   return out[:n]

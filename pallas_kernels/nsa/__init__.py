@@ -49,16 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._common import BACKENDS, default_backend
 from pallas_kernels.nsa.gpu import nsa_dkv_gpu, nsa_dq_gpu, nsa_fwd_gpu
-from pallas_kernels.nsa.tpu import (EMPTY_LSE, MASK_VALUE, nsa_dkv_tpu, nsa_dq_tpu,
-                                    nsa_fwd_tpu)
+from pallas_kernels._common import EMPTY_LSE, MASK_VALUE
+from pallas_kernels.nsa.tpu import nsa_dkv_tpu, nsa_dq_tpu, nsa_fwd_tpu
 
-BACKENDS = ("tpu", "gpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _default_backend() -> str:
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
 def _pow2(n: int) -> bool:
@@ -194,7 +190,7 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
   """
   q, k, v = map(jnp.asarray, (q, k, v))
   block_idx, valid = jnp.asarray(block_idx), jnp.asarray(valid)
-  backend = _default_backend() if backend is None else backend
+  backend = default_backend() if backend is None else backend
   _check(q, k, v, block_idx, valid, select_block, block_q, backend)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]

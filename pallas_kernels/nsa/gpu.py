@@ -45,8 +45,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 # Triton compiler params and the f32 HIGHEST matmul of the block-sparse kernels.
-from pallas_kernels.block_sparse_attention.gpu import _dot, _params
-from pallas_kernels.nsa.tpu import EMPTY_LSE, MASK_VALUE
+from pallas_kernels._common import EMPTY_LSE, MASK_VALUE, dot
+from pallas_kernels._common import triton_params
 
 
 def _keys_allowed(blk, p_t, lsel, s_len):
@@ -69,11 +69,11 @@ def _fwd_kernel(sel_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
     rows = pl.ds(jnp.maximum(blk, 0) * lsel, lsel)
     k, v = k_ref[b, c, rows, :], v_ref[b, c, rows, :]
     allowed = _keys_allowed(blk, p_t, lsel, s_len)[None, :]
-    s = jnp.where(allowed, _dot(q, k.T) * scale, MASK_VALUE)          # [Gp, l']
+    s = jnp.where(allowed, dot(q, k.T) * scale, MASK_VALUE)          # [Gp, l']
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
     p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
     alpha = jnp.exp(m_prev - m_new)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
     return acc, m_new, alpha * l_prev + jnp.sum(p, axis=-1)
 
   init = (jnp.zeros((gp, dv), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
@@ -97,7 +97,7 @@ def nsa_fwd_gpu(q, k, v, sel, pos, *, scale, select_block, seq_len, num_selected
       grid=(b, t, hkv),
       out_shape=[jax.ShapeDtypeStruct((b, t, hkv, gp, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, t, hkv, gp), jnp.float32)],
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * b * t * hkv * gp * n * lsel * (d + dv),
           transcendentals=b * t * hkv * gp * n * lsel,
@@ -120,9 +120,9 @@ def _dq_kernel(sel_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
     rows = pl.ds(jnp.maximum(blk, 0) * lsel, lsel)
     k, v = k_ref[b, c, rows, :], v_ref[b, c, rows, :]
     allowed = _keys_allowed(blk, p_t, lsel, s_len)[None, :]
-    p = jnp.where(allowed, jnp.exp(_dot(q, k.T) * scale - lse[:, None]), 0.0)
-    ds = p * (_dot(do, v.T) - di[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    p = jnp.where(allowed, jnp.exp(dot(q, k.T) * scale - lse[:, None]), 0.0)
+    ds = p * (dot(do, v.T) - di[:, None])
+    return dq + dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, n, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[b, t, c, :, :] = (dq * scale).astype(dq_ref.dtype)
@@ -139,7 +139,7 @@ def nsa_dq_gpu(q, k, v, d_out, lse, di, sel, pos, *, scale, select_block, seq_le
                         t_len=t, hkv=hkv),
       grid=(b, t, hkv),
       out_shape=jax.ShapeDtypeStruct((b, t, hkv, gp, d), q.dtype),
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * b * t * hkv * gp * n * lsel * (2 * d + dv),
           transcendentals=b * t * hkv * gp * n * lsel,
@@ -164,10 +164,10 @@ def _dkv_kernel(off_ref, tok_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     q, do = q_ref[b, t, c, :, :], do_ref[b, t, c, :, :]
     lse, di = lse_ref[b, t, c, :], di_ref[b, t, c, :]
     allowed = _keys_allowed(j, pos_ref[b * t_len + t], lsel, s_len)[None, :]
-    p = jnp.where(allowed, jnp.exp(_dot(q, k.T) * scale - lse[:, None]), 0.0)
-    dv = dv + _dot(p.astype(do.dtype).T, do)
-    ds = p * (_dot(do, v.T) - di[:, None])
-    return dk + _dot(ds.astype(q.dtype).T, q), dv
+    p = jnp.where(allowed, jnp.exp(dot(q, k.T) * scale - lse[:, None]), 0.0)
+    dv = dv + dot(p.astype(do.dtype).T, do)
+    ds = p * (dot(do, v.T) - di[:, None])
+    return dk + dot(ds.astype(q.dtype).T, q), dv
 
   dk, dv = lax.fori_loop(off_ref[obase], off_ref[obase + 1], body,
                          (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
@@ -189,7 +189,7 @@ def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, offsets, tokens, *, scale, select_
       grid=(b, hkv, nb),
       out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
                  jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
-      compiler_params=_params(num_warps),
+      compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * visits * gp * lsel * (2 * d + 2 * dv),
           transcendentals=visits * gp * lsel,

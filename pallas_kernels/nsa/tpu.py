@@ -45,10 +45,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# The finite mask value, interpret-mode helper and f32 HIGHEST matmuls of the
-# block-sparse attention kernels.
-from pallas_kernels.block_sparse_attention.tpu import (EMPTY_LSE, MASK_VALUE, _dot,
-                                                       _dot_nt, _interpret_params)
+from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt,
+                                    interpret_params)
 
 
 def _allowed(sel, pos, blk, lsel, s_len):
@@ -75,13 +73,13 @@ def _fwd_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, sel_ref, pos_ref, o_ref, 
     blk = blk_ref[row * m_slots + u]
     q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
     allowed = _allowed(sel_ref[0, 0], pos_ref[0], blk, lsel, s_len)
-    s = jnp.where(allowed, _dot_nt(q, k) * scale, MASK_VALUE)       # [R, l']
+    s = jnp.where(allowed, dot_nt(q, k) * scale, MASK_VALUE)       # [R, l']
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
+    acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v.dtype), v)
     m_sc[...] = m_new
 
   @pl.when(u == m_slots - 1)
@@ -138,13 +136,13 @@ def nsa_fwd_tpu(q, k, v, sel, pos, blocks, counts, *, scale, select_block, block
           flops=2 * visited * rows * lsel * (d + dv), transcendentals=visited * rows * lsel,
           bytes_accessed=b * hkv * tg * (d + dv) * itemsize
           + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 2) * 4),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="nsa_selection_fwd_tpu",
   )(blocks.reshape(-1), counts.reshape(-1), q, k, v, sel, pos)
 
 
 def _probs(q, k, lse, allowed, scale):
-  return jnp.where(allowed, jnp.exp(_dot_nt(q, k) * scale - lse), 0.0)
+  return jnp.where(allowed, jnp.exp(dot_nt(q, k) * scale - lse), 0.0)
 
 
 def _dq_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, sel_ref,
@@ -162,8 +160,8 @@ def _dq_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, s
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     allowed = _allowed(sel_ref[0, 0], pos_ref[0], blk, lsel, s_len)
     p = _probs(q, k, lse_ref[0, 0], allowed, scale)
-    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
-    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+    ds = p * (dot_nt(do, v) - di_ref[0, 0])
+    dq_sc[...] += dot(ds.astype(k.dtype), k)
 
   @pl.when(u == m_slots - 1)
   def _finish():
@@ -199,7 +197,7 @@ def nsa_dq_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, counts, *, scale, sele
           transcendentals=visited * rows * lsel,
           bytes_accessed=b * hkv * tg * (2 * d + dv) * itemsize
           + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 3) * 4),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="nsa_selection_dq_tpu",
   )(blocks.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
 
@@ -220,9 +218,9 @@ def _dkv_kernel(tile_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     allowed = _allowed(sel_ref[0, 0], pos_ref[0], j, lsel, s_len)
     p = _probs(q, k, lse_ref[0, 0], allowed, scale)                  # [R, l']
-    dv_sc[...] += _dot(p.astype(do.dtype).T, do)
-    ds = p * (_dot_nt(do, v) - di_ref[0, 0])
-    dk_sc[...] += _dot(ds.astype(q.dtype).T, q)
+    dv_sc[...] += dot(p.astype(do.dtype).T, do)
+    ds = p * (dot_nt(do, v) - di_ref[0, 0])
+    dk_sc[...] += dot(ds.astype(q.dtype).T, q)
 
   @pl.when(u == m_slots - 1)
   def _finish():
@@ -276,7 +274,7 @@ def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, tiles, counts, *, scale, sele
           transcendentals=visited * rows * lsel,
           bytes_accessed=b * hkv * s * 2 * (d + dv) * itemsize
           + visited * rows * (d + dv) * itemsize + visited * rows * (n + 3) * 4),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
       name="nsa_selection_dkv_tpu",
   )(tiles.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
 

@@ -17,14 +17,10 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from pallas_kernels._common import BACKENDS, default_backend
 from pallas_kernels.topk.gpu import topk_sparsify_gpu
 from pallas_kernels.topk.tpu import SUPPORTED_DTYPES, topk_sparsify_tpu
 
-BACKENDS = ("tpu", "gpu")
-
-
-def _default_backend() -> str:
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
 def static_int(v, name: str) -> int:
@@ -78,7 +74,7 @@ def topk_sparsify_kernel(x2d: jax.Array, k: int, *, interpret=False,
     y[R, D], or (y, t, c). Only y is differentiable: ∂L/∂x = ∂L/∂y.
   """
   x2d = jnp.asarray(x2d)
-  backend = _default_backend() if backend is None else backend
+  backend = default_backend() if backend is None else backend
   k = static_int(k, "k")
   _check(x2d, k, backend)
   fwd = functools.partial(_forward, k=k, interpret=interpret,

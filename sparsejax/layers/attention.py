@@ -17,6 +17,7 @@ predicate to the absolute positions, so generation sees exactly the trained patt
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -38,6 +39,7 @@ PATTERNS = ("causal", "local", "local_global", "strided", "chunked")
 @dataclasses.dataclass(frozen=True)
 class BlockSparseOptions:
   """Options of the "block_sparse" attention (`config.model.attention_options`)."""
+  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("impl",)
   pattern: str = "local_global"
   window: int = 64          # local band (local, local_global, strided) or chunk size
   num_global: int = 4       # sink tokens (local_global)

@@ -40,6 +40,7 @@ Variables (under ".../memory_i"):
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 import flax.linen as nn
@@ -59,6 +60,7 @@ VALUES_PATTERN = r"(^|/)memory_\d+/values$"
 
 @dataclasses.dataclass(frozen=True)
 class _CommonOptions:
+  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("impl",)
   heads: int = 2                 # H heads (independent keys, outputs summed)
   knn: int = 32                  # k (PKM) / m (UltraMem): slots read per head per token
   num_keys: int = 64             # sub-keys per side; N = num_keys² physical values

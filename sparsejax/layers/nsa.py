@@ -28,6 +28,7 @@ correct design (O(S_max) work per step); caching the compressed blocks is future
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -47,6 +48,7 @@ BRANCHES = ("cmp", "slc", "win")
 @dataclasses.dataclass(frozen=True)
 class NSAOptions:
   """Options of the "nsa" attention (`config.model.attention_options`)."""
+  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("window_impl",)
   block_len: int = 32        # l: compression block length
   stride: int = 16           # d: compression stride (<= block_len)
   select_block: int = 64     # l': selection block size

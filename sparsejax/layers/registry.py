@@ -8,6 +8,11 @@ so a new technique plugs in by registering itself — the model file never chang
 
 `cfg.ffn = "moe"` then selects it, and `cfg.ffn_options` (a mapping) is validated into
 `MoEOptions` with errors that name `config.model.ffn_options.<field>`.
+
+An options dataclass lists its kernel-implementation fields in the class attribute
+`KERNEL_IMPL_FIELDS` (e.g. `("impl",)`); `build` sets those left at "auto" to the
+model's `cfg.kernel_impl` (`--config.model.kernel_impl`), so one flag switches every
+kernel of a model without process-wide state.
 """
 
 from __future__ import annotations
@@ -60,8 +65,18 @@ def parse_options(kind: str, name: str, options: Mapping[str, Any] | None,
   return validation.from_mapping(entry.options, options or {}, field)
 
 
+def with_kernel_impl(options: Any, kernel_impl: str) -> Any:
+  """`options` with its `KERNEL_IMPL_FIELDS` that are "auto" set to `kernel_impl`."""
+  fields = getattr(options, "KERNEL_IMPL_FIELDS", ())
+  updates = {f: kernel_impl for f in fields if getattr(options, f) == "auto"}
+  return dataclasses.replace(options, **updates) if updates else options
+
+
 def build(kind: str, name: str, cfg: Any, options: Mapping[str, Any] | None,
           layer: int) -> Any:
-  """Builds component `name` of `kind` for block `layer`."""
+  """Builds component `name` of `kind` for block `layer`; options' kernel impls left at
+  "auto" become the model's `cfg.kernel_impl`."""
   parsed = parse_options(kind, name, options, f"config.model.{kind}_options")
+  if parsed is not None:
+    parsed = with_kernel_impl(parsed, cfg.kernel_impl)
   return _REGISTRY[kind][name].build(cfg, parsed, layer)

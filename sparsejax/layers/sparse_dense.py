@@ -27,6 +27,7 @@ module whose kernel quantizes to them.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -192,6 +193,7 @@ def _check_weights(prefix: str, weights: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class SparsityOptions:
   """The activation-sparsity fields shared by "qsparse" and "bitnet_qsparse"."""
+  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("impl",)
   topk_ratio: float = 0.7     # fraction KEPT per token (0.7 = "70% top-K"); mode="topk"
   mode: str = "topk"          # "topk" | "nm" (block Q-Sparse: n of every m kept)
   n: int = 2

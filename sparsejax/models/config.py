@@ -10,6 +10,7 @@ from typing import Any
 import flax.core
 
 from sparsejax import validation
+from sparsejax.ops.dispatch import IMPLS
 from sparsejax.validation import check, check_choice
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +28,9 @@ class ModelConfig:
   `decode_block_topk` (e.g. dict(block_size=16, num_sinks=4, window=64, top_k=8))
   makes cached one-token decode steps attend to sinks + window + the top-k KV blocks
   only (`sparsejax.ops.block_topk`); it changes no parameter, so it can be switched on
-  for generation with any trained model.
+  for generation with any trained model. `kernel_impl` ("auto" | "xla" | "pallas" |
+  "interpret", `sparsejax.ops.dispatch`) switches every kernel of the model at once
+  (options naming an impl explicitly keep it); it changes no parameter either.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -53,6 +56,7 @@ class ModelConfig:
   memory_options: Mapping[str, Any] = _EMPTY
   memory_layers: str = ""
   decode_block_topk: Mapping[str, Any] = _EMPTY   # {} = off; else BlockTopK fields
+  kernel_impl: str = "auto"        # what every layer's kernel impl="auto" option becomes
 
   @property
   def resolved_head_dim(self) -> int:
@@ -118,6 +122,7 @@ class ModelConfig:
     check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "> 0")
     check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
     check_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
+    check_choice(f"{prefix}.kernel_impl", self.kernel_impl, IMPLS)
     self.block_topk  # validates decode_block_topk
     for kind in ("attention", "ffn", "linear"):
       registry.parse_options(kind, getattr(self, kind), getattr(self, f"{kind}_options"),

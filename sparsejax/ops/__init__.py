@@ -1,6 +1,6 @@
 """Pure-JAX ops: the math of every technique, XLA references and `impl=` dispatch."""
 
-from sparsejax.ops.dispatch import get_default_impl, resolve_impl, set_default_impl
+from sparsejax.ops.dispatch import resolve_impl
 from sparsejax.ops.topk import nm_mask, nm_sparsify, topk_mask, topk_sparsify
 from sparsejax.ops.quant import absmax_quantize, fake_absmax, fake_ternary, ternary_quantize
 from sparsejax.ops.ternary_pack import pack_ternary, unpack_ternary

@@ -26,7 +26,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from sparsejax.ops.dispatch import resolve_impl
+from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 
 
 def _check(values, indices, weights, groups, num_groups) -> None:
@@ -127,13 +127,8 @@ _lookup_xla.defvjp(_lookup_xla_fwd, _lookup_xla_bwd)
 
 def _kernel_lookup(values, indices, weights, groups, num_groups: int, impl: str):
   from pallas_kernels.memory_lookup import memory_lookup_kernel  # lazy: kernels optional
-  backend = jax.default_backend()
-  if impl == "pallas" and backend not in ("tpu", "gpu"):
-    raise ValueError(f"impl='pallas' needs a TPU or GPU backend (default backend is "
-                     f"{backend!r}); use impl='interpret' to run the kernel on CPU")
   return memory_lookup_kernel(values, indices, weights, groups, num_groups,
-                              interpret=impl == "interpret",
-                              backend="gpu" if backend == "gpu" else "tpu")
+                              interpret=impl == "interpret", backend=kernel_platform())
 
 
 def memory_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
@@ -162,7 +157,7 @@ def memory_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
     groups2d, g = jnp.asarray(groups, jnp.int32).reshape(-1, k), num_groups
   idx2d = jnp.clip(indices.astype(jnp.int32), 0, values.shape[0] - 1).reshape(-1, k)
   w2d = weights.reshape(-1, k)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, op="memory_lookup")
   if impl == "xla":
     out = _lookup_xla(values, idx2d, w2d, groups2d, g)
   else:

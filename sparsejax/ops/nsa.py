@@ -62,7 +62,7 @@ import numpy as np
 
 from sparsejax.ops import attention as attention_ops
 from sparsejax.ops import masks as masks_lib
-from sparsejax.ops.dispatch import resolve_impl
+from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 from sparsejax.ops.sparse_attention import (MASK_VALUE, _masked_softmax_av,
                                             block_sparse_attention)
 
@@ -261,14 +261,10 @@ def select_blocks(scores: jax.Array, q_positions: jax.Array, num_selected: int,
 
 def _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl):
   from pallas_kernels.nsa import nsa_selection_kernel  # lazy: kernels optional
-  backend = jax.default_backend()
-  if impl == "pallas" and backend not in ("tpu", "gpu"):
-    raise ValueError(f"impl='pallas' needs a TPU or GPU backend (default backend is "
-                     f"{backend!r}); use impl='interpret' to run the kernel on CPU")
   out = nsa_selection_kernel(q, k, v, block_idx, valid, select_block=select_block,
                              scale=scale, q_positions=pos,
                              interpret=impl == "interpret",
-                             backend="gpu" if backend == "gpu" else "tpu")
+                             backend=kernel_platform())
   return out.astype(jnp.float32)
 
 
@@ -289,7 +285,7 @@ def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.
   s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   pos = _positions(q, q_positions)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, op="nsa.selected_attention")
   if impl != "xla":
     return _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl)
   tok = block_idx[..., None] * select_block + jnp.arange(select_block)  # [B,T,Hkv,n,l']

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.ops import masks as masks_lib
-from sparsejax.ops.dispatch import resolve_impl
+from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 
 # Finite "minus infinity": exp underflows to 0, and rows with no allowed key stay finite.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -88,7 +88,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   block_q, block_kv = min(block_q, q.shape[1]), min(block_kv, k.shape[1])
   if impl == "reference":                      # internal: dense masked attention (tests)
     return reference_attention(q, k, v, mask, scale=float(scale))
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, op="block_sparse_attention")
   if impl == "xla":
     return _xla_attention(q, k, v, mask=mask, scale=float(scale), block_q=block_q,
                           block_kv=block_kv)
@@ -99,17 +99,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 def _kernel_attention(q, k, v, mask, *, scale, block_q, block_kv, interpret):
   """The Pallas kernels (TPU: scalar-prefetched mask info; GPU: CSR inputs)."""
   from pallas_kernels.block_sparse_attention import block_sparse_attention_kernel  # lazy
-  backend = jax.default_backend()
-  if not interpret and backend not in ("tpu", "gpu"):
-    raise ValueError(f"impl='pallas' needs a TPU or GPU backend (default backend is "
-                     f"{backend!r}); use impl='interpret' to run the kernel on CPU")
   info = masks_lib.mask_info(mask, q.shape[1], k.shape[1], block_q, block_kv)
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)            # [B, T, H, D] <-> [B, H, T, D]
   out = block_sparse_attention_kernel(
       heads_major(q), heads_major(k), heads_major(v), info.kv_blocks, info.kv_counts,
       info.block_kind, info.partial_masks, info.partial_index, info.q_blocks,
       info.q_counts, scale=scale, block_q=block_q, block_kv=block_kv,
-      interpret=interpret, backend="gpu" if backend == "gpu" else "tpu")
+      interpret=interpret, backend=kernel_platform())
   return heads_major(out)
 
 

@@ -26,7 +26,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from sparsejax.ops.dispatch import resolve_impl
+from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 
 
 def _static_int(v, name: str) -> int:
@@ -120,17 +120,9 @@ def _rescale_last(x, y):
 
 def _kernel_sparsify_last(x, k: int, impl: str):
   from pallas_kernels.topk import topk_sparsify_kernel  # lazy: kernels are optional
-  if impl == "pallas":
-    backend = jax.default_backend()
-    if backend not in ("tpu", "gpu"):
-      raise ValueError(f"impl='pallas' needs a TPU or GPU backend (default backend is "
-                       f"{backend!r}); use impl='interpret' to run the kernel on CPU")
-    interpret = False
-  else:
-    backend = "gpu" if jax.default_backend() == "gpu" else "tpu"
-    interpret = True
   x2d = x.reshape(-1, x.shape[-1])
-  y2d = topk_sparsify_kernel(x2d, k, interpret=interpret, backend=backend)
+  y2d = topk_sparsify_kernel(x2d, k, interpret=impl == "interpret",
+                             backend=kernel_platform())
   return y2d.reshape(x.shape)
 
 
@@ -176,7 +168,7 @@ def topk_sparsify(x: jax.Array, k: int, *, axis: int = -1, rescale: bool = False
   _check_float(x, "topk_sparsify")
   axis = _axis(x, axis)
   k = _check_k(k, x.shape[axis])
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, op="topk_sparsify")
 
   def fn(x):
     xm = jnp.moveaxis(x, axis, -1)

@@ -11,11 +11,10 @@ from typing import Any
 
 from sparsejax import validation
 from sparsejax.models.config import ModelConfig
-from sparsejax.ops.dispatch import IMPLS
 from sparsejax.sharding import MeshConfig
 from sparsejax.train.data import DataConfig
 from sparsejax.train.optim import OptimConfig
-from sparsejax.validation import check, check_choice
+from sparsejax.validation import check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +44,12 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelsConfig:
-  impl: str = "auto"             # what impl="auto" resolves to in every op
-
-  def validate(self, prefix: str = "config.kernels") -> None:
-    check_choice(f"{prefix}.impl", self.impl, IMPLS)
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
-  kernels: KernelsConfig = KernelsConfig()
 
   def validate(self, prefix: str = "config") -> None:
     check(self.model.vocab_size >= 256 or bool(self.data.path),

@@ -26,7 +26,6 @@ import optax
 
 from sparsejax import sharding
 from sparsejax.models import DecoderLM
-from sparsejax.ops.dispatch import set_default_impl
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
 from sparsejax.train.config import Config, config_to_dict, parse_config
@@ -206,7 +205,15 @@ def load_params(workdir: str, trainer: Trainer) -> Any:
   return params
 
 
+# Model fields that change no parameter or data order: they may differ on resume.
+_RESUME_FREE_MODEL_FIELDS = ("kernel_impl",)
+
+
 def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
+  free = lambda model: {k: v for k, v in (model or {}).items()
+                        if k not in _RESUME_FREE_MODEL_FIELDS}
+  saved = {**saved, "model": free(saved.get("model"))}
+  current = {**current, "model": free(current["model"])}
   for section in ("model", "data"):
     if saved.get(section) != current[section]:
       raise ValueError(
@@ -223,7 +230,6 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
   loss or gradient norm stops the run with FloatingPointError without saving it.
   """
   cfg = config.train
-  set_default_impl(config.kernels.impl)
   trainer = trainer_for(config)
   os.makedirs(workdir, exist_ok=True)
   config_dict = config_to_dict(config)

@@ -156,7 +156,7 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     ("optim", {"learning_rate": -1.0}, "config.optim.learning_rate"),
     ("optim", {"lr_multipliers": {"(": 2.0}}, "config.optim.lr_multipliers"),
     ("mesh", {"data": 0}, "config.mesh.data"),
-    ("kernels", {"impl": "cuda"}, "config.kernels.impl"),
+    ("model", {"kernel_impl": "cuda"}, "config.model.kernel_impl"),
     ("data", {"seq_len": 0}, "config.data.seq_len"),
 ])
 def test_config_validation_names_field(section, overrides, field):

@@ -1,0 +1,49 @@
+"""Helpers shared by the kernel packages: mask values, matmuls, interpret/compile params.
+
+Kernels import these instead of each other's private names, so one kernel package
+can change without breaking another.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+BACKENDS = ("tpu", "gpu")
+# Finite "minus infinity" for masked scores: exp(MASK_VALUE - m) underflows to 0 without
+# the inf - inf = NaN of a fully masked row (as sparsejax.ops.sparse_attention's).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+EMPTY_LSE = -MASK_VALUE      # log-sum-exp of a row with no allowed key: exp(s - lse) = 0
+HIGHEST = lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))   # contract the last axes: a · bᵀ
+
+
+def default_backend() -> str:
+  """"gpu" (Triton kernels) on a GPU mesh/backend, else "tpu" (Mosaic; interpreted on
+  CPU). The mesh in context (`jax.set_mesh`, e.g. over AOT TPU devices) wins."""
+  mesh = jax.sharding.get_abstract_mesh()
+  name = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  return "gpu" if name in ("gpu", "cuda", "rocm") else "tpu"
+
+
+def interpret_params(interpret):
+  """`interpret=` for a TPU pallas_call: True -> `pltpu.InterpretParams()`, else as is."""
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def triton_params(num_warps: int, num_stages: int = 1) -> pltriton.CompilerParams:
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b with float32 accumulation (HIGHEST precision)."""
+  return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ bᵀ with float32 accumulation (HIGHEST precision), no explicit transpose."""
+  return lax.dot_general(a, b, _NT, precision=HIGHEST, preferred_element_type=jnp.float32)
