@@ -2,12 +2,15 @@
 # `make compare`: Dense / MoE / PKM / UltraMem + ablation ladder, reduced (≈15-20 min on a
 # 2-core CPU); report in workdir/compare/report.md.
 # `make test`: set up .venv with the test extras and run the whole suite.
+# `make device-check`: on a TPU / NVIDIA GPU, every Pallas kernel compiled vs its XLA
+# reference, timed against the chip's roofline (experiments/device_check.py; sized for
+# < 8 min; flags via ARGS, e.g. `make device-check ARGS=--quick`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 
-.PHONY: run test test-fast compare clean
+.PHONY: run test test-fast compare device-check clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,9 @@ test: $(VENV)/.installed-test
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
+
+device-check: $(VENV)/.installed
+	$(PY) experiments/device_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) workdir
