@@ -54,7 +54,6 @@ exponents only. Results: tables on stdout, one JSON line per measurement appende
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -77,7 +76,8 @@ from sparsejax.ops.sparse_attention import block_sparse_attention  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import results_log  # noqa: E402  (sibling modules)
+import configs  # noqa: E402  (sibling modules)
+import results_log  # noqa: E402
 from timing import time_methods  # noqa: E402
 
 _SCALING_FLAGS = (
@@ -327,15 +327,6 @@ def decode_latency(contexts, cfg: dict, topk: BlockTopK, *, repeats, min_sample_
 # ----------------------------------------------------------------------------- quality
 
 
-def load_config(name: str) -> dict:
-  """experiments/configs/<name>.py's get_config() as a plain dict."""
-  path = os.path.join(HERE, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_bench_attention_cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().to_dict()
-
-
 def bench_quality(variants, steps: int, root: str) -> list:
   from sparsejax.train import sweep
   overrides = {"train": dict(num_steps=steps, eval_every=steps, checkpoint_every=steps,
@@ -343,7 +334,7 @@ def bench_quality(variants, steps: int, root: str) -> list:
   root = os.path.join(root, f"steps{steps}")
   results = []
   for name in variants:
-    cfg = sweep.deep_update(load_config(name), overrides)
+    cfg = sweep.deep_update(configs.load(name).to_dict(), overrides)
     print(f"# quality: training {name} for {steps} steps in {root}/{name}", flush=True)
     results.append(sweep.run_variant(name, cfg, root, description=name))
   return results

@@ -22,7 +22,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_log  # noqa: E402  (sibling module)
+import configs  # noqa: E402  (sibling packages)
+import results_log  # noqa: E402
 
 from sparsejax.train import sweep  # noqa: E402
 
@@ -44,9 +45,8 @@ VARIANTS = {
                          "BitNet b1.58 + top-K 70% of the int8 activations"),
 }
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                           "dense.py"), "Base config shared by every variant.")
+_CONFIG = config_flags.DEFINE_config_file("config", configs.path("dense"),
+                                          "Base config shared by every variant.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/qsparse_repro", "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every variant.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")

@@ -6,13 +6,12 @@ embedding and lm_head stay full precision.
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(linear="bitnet")
   return config

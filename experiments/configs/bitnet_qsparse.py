@@ -4,20 +4,18 @@ ReLU²-GLU FFN.
 
   python experiments/train.py --config=experiments/configs/bitnet_qsparse.py --workdir=workdir/bitnet_qsparse
 
-Vary the kept fraction with --config.model.linear_options.topk_ratio=0.4 (the spec's
-1.58-bit optimum is ≈61% sparsity), or --config.model.linear_options.mode=nm for N:M.
+Vary the kept fraction with --config.model.linear_options.topk_ratio=0.4 (the Q-Sparse
+paper's 1.58-bit optimum is ≈61% sparsity), or --config.model.linear_options.mode=nm for N:M.
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+qsparse = runpy.run_path(os.path.join(os.path.dirname(__file__), "qsparse.py"))
 
 
 def get_config():
-  config = dense.get_config()
-  config.model.update(
-      linear="bitnet_qsparse", ffn="relu2_glu",
-      linear_options=dict(topk_ratio=0.7, mode="topk", n=2, m=4, impl="auto"))
+  config = qsparse["get_config"]()
+  config.model.linear = "bitnet_qsparse"
+  del config.model.linear_options["rescale"]   # Q-Sparse's L2 rescale: not with BitNet
   return config

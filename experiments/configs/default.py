@@ -9,11 +9,10 @@ by side (experiments/compare.py).
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ultramem  # noqa: E402  (the sibling config file)
+ultramem = runpy.run_path(os.path.join(os.path.dirname(__file__), "ultramem.py"))
 
 
 def get_config():
-  return ultramem.get_config()
+  return ultramem["get_config"]()

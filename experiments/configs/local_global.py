@@ -12,14 +12,13 @@ steps (see benchmarks/RESULTS.md).
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(
       attention="block_sparse",
       attention_options=dict(pattern="local_global", window=32, num_global=4,

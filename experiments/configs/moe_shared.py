@@ -10,18 +10,12 @@ Compare with moe.py (8 experts top-2) and the dense baseline (dense.py).
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+moe = runpy.run_path(os.path.join(os.path.dirname(__file__), "moe.py"))
 
 
 def get_config():
-  config = dense.get_config()
-  config.model.update(
-      ffn="moe",
-      ffn_options=dict(num_experts=16, top_k=4, d_expert=0, num_shared=1,
-                       scoring="softmax", renormalize=True, activation="swiglu",
-                       impl="auto", capacity_factor=1.25, aux_loss_weight=0.01,
-                       z_loss_weight=1e-3, bias_update_rate=0.0))
+  config = moe["get_config"]()
+  config.model.ffn_options.update(num_experts=16, top_k=4, num_shared=1)
   return config

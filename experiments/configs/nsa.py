@@ -11,14 +11,13 @@ three branches, as in the fla reference), --config.model.attention_options.compr
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(
       attention="nsa",
       attention_options=dict(block_len=16, stride=8, select_block=32, num_selected=2,

@@ -10,14 +10,13 @@ baseline (dense.py; add --config.model.ffn=relu2_glu for the same FFN).
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(
       linear="qsparse", ffn="relu2_glu",
       linear_options=dict(topk_ratio=0.7, mode="topk", n=2, m=4, rescale=False,

@@ -14,17 +14,16 @@ then:
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+HERE = os.path.dirname(__file__)
+dense = runpy.run_path(os.path.join(HERE, "dense.py"))
+qsparse = runpy.run_path(os.path.join(HERE, "qsparse.py"))
 
 
 def get_config():
-  config = dense.get_config()
-  config.model.update(linear="qsparse",
-                      linear_options=dict(topk_ratio=0.7, mode="topk", n=2, m=4,
-                                          rescale=False, impl="auto"))
+  config = qsparse["get_config"]()
+  config.model.ffn = dense["get_config"]().model.ffn   # the dense run's FFN (SwiGLU)
   config.optim.update(learning_rate=1e-3, warmup_steps=20)
   config.train.update(num_steps=200, init_from="workdir/dense")
   return config

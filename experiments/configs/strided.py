@@ -12,14 +12,13 @@ Compare with the dense baseline (dense.py) and local_global.py at equal tokens.
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(
       attention="block_sparse",
       attention_options=dict(pattern="strided", window=16, stride=16,

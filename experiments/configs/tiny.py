@@ -4,14 +4,13 @@
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
+  config = dense["get_config"]()
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
   config.data.update(seq_len=32, batch_size=8)
   config.optim.update(warmup_steps=2)

@@ -12,20 +12,16 @@ ladder in ultramem_ablation.py, the PKM baseline in pkm.py.
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dense  # noqa: E402  (the sibling config file)
-
-MEMORY_LAYERS = "0:2,1:3"
-MEMORY_D_FF = 256
-ULTRAMEM = dict(heads=2, knn=16, num_keys=120, kdim=32, vdim=64, tucker_rank=2,
-                tucker_cores=2, value_expand=4, rank_loss_weight=0.0,
-                value_lr_start=4.0, value_lr_decay_fraction=0.5, impl="auto")
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 
 def get_config():
-  config = dense.get_config()
-  config.model.update(d_ff=MEMORY_D_FF, memory="ultramem", memory_layers=MEMORY_LAYERS,
-                      memory_options=dict(ULTRAMEM))
+  config = dense["get_config"]()
+  config.model.update(
+      d_ff=256, memory="ultramem", memory_layers="0:2,1:3",
+      memory_options=dict(heads=2, knn=16, num_keys=120, kdim=32, vdim=64, tucker_rank=2,
+                          tucker_cores=2, value_expand=4, rank_loss_weight=0.0,
+                          value_lr_start=4.0, value_lr_decay_fraction=0.5, impl="auto"))
   return config

@@ -1,5 +1,5 @@
-"""The UltraMem ablation ladder (specs/ultramem.md "Claims": each step should lower the
-val loss at about constant params and FLOPs). Pick a step after a colon:
+"""The UltraMem ablation ladder (Huang et al., arXiv 2411.12364: each step should lower
+the val loss at about constant params and FLOPs). Pick a step after a colon:
 
   python experiments/train.py --config=experiments/configs/ultramem_ablation.py:pkm_skip \\
       --workdir=workdir/ablation_pkm_skip
@@ -14,27 +14,26 @@ Steps (each adds one thing to the previous; value tables ≈ 0.92M params per la
 """
 
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pkm  # noqa: E402  (sibling config files)
-import ultramem  # noqa: E402
-
-TDQKR = dict(ultramem.ULTRAMEM, tucker_cores=1, value_expand=1, num_keys=85, vdim=128)
+PARENTS = {name: runpy.run_path(os.path.join(os.path.dirname(__file__), f"{name}.py"))
+           for name in ("pkm", "ultramem")}
+# step: (parent config, the config whose memory_layers it uses, memory_options changes)
 STEPS = {
-    "pkm": ("pkm", "1:1,2:2", pkm.PKM),
-    "pkm_skip": ("pkm", ultramem.MEMORY_LAYERS, pkm.PKM),
-    "tdqkr": ("ultramem", ultramem.MEMORY_LAYERS, TDQKR),
-    "ive": ("ultramem", ultramem.MEMORY_LAYERS,
-            dict(ultramem.ULTRAMEM, tucker_cores=1)),
-    "ultramem": ("ultramem", ultramem.MEMORY_LAYERS, ultramem.ULTRAMEM),
+    "pkm": ("pkm", "pkm", {}),
+    "pkm_skip": ("pkm", "ultramem", {}),
+    "tdqkr": ("ultramem", "ultramem",
+              dict(tucker_cores=1, value_expand=1, num_keys=85, vdim=128)),
+    "ive": ("ultramem", "ultramem", dict(tucker_cores=1)),
+    "ultramem": ("ultramem", "ultramem", {}),
 }
 
 
 def get_config(step: str = "ultramem"):
   if step not in STEPS:
     raise ValueError(f"ablation step {step!r} must be one of {tuple(STEPS)}")
-  memory, layers, options = STEPS[step]
-  config = pkm.get_config()
-  config.model.update(memory=memory, memory_layers=layers, memory_options=dict(options))
+  parent, placement, changes = STEPS[step]
+  config = PARENTS[parent]["get_config"]()
+  config.model.memory_layers = PARENTS[placement]["get_config"]().model.memory_layers
+  config.model.memory_options.update(changes)
   return config
