@@ -57,7 +57,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from anywhere
   sys.path.insert(0, REPO)
 
-from sparsejax.models import DecoderLM, parse_model_config  # noqa: E402
+from sparsejax.models import DecoderLM, accounting, parse_model_config  # noqa: E402
 from sparsejax.sharding import unbox  # noqa: E402
 from sparsejax.train.generate import decode_step, init_cache  # noqa: E402
 
@@ -133,13 +133,8 @@ def build(cfg_dict) -> DecoderLM:
   return DecoderLM(parse_model_config(cfg_dict))
 
 
-def abstract_params(model: DecoderLM) -> dict:
-  return unbox(jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, 1), jnp.int32)))["params"]
-
-
 def count(tree) -> int:
-  return int(sum(math.prod(a.shape) for a in jax.tree.leaves(tree)))
+  return accounting.count_params(tree)["total_params"]
 
 
 def memory_layer_params(d: int, opt: dict, num_keys: int) -> tuple[int, int]:
@@ -154,16 +149,18 @@ def memory_layer_params(d: int, opt: dict, num_keys: int) -> tuple[int, int]:
           + e * vdim * d), values
 
 
-def other_params(params) -> int:
-  """Element count of the params other than MoE expert weights (ffn/w_*) and UltraMem
-  value tables (memory_i/values): those read whatever the batch routes to."""
-  n = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [str(getattr(p, "key", p)) for p in path]
-    routed = (names[-1] in ("w_gate", "w_up", "w_down") and "ffn" in names
-              or names[-1] == "values" and any(s.startswith("memory_") for s in names))
-    n += 0 if routed else math.prod(leaf.shape)
-  return n
+def accounts(cfg_dict) -> dict:
+  """Total, activated (embedding included) and non-routed params of a model config:
+  the non-routed ones (all but MoE expert weights and memory value tables) are read
+  whatever the batch routes to."""
+  model = parse_model_config(cfg_dict)
+  params = accounting.abstract_params(model)
+  counts = accounting.count_params(params)
+  routed = accounting.routed_params(model, params)
+  return dict(total=counts["total_params"],
+              activated=counts["embedding_params"]
+              + accounting.activated_params(model, params),
+              other=counts["total_params"] - sum(r.size for r in routed.values()))
 
 
 def plan_models(*, d_model, num_layers, num_heads, num_kv_heads, vocab_size, d_ff,
@@ -179,11 +176,10 @@ def plan_models(*, d_model, num_layers, num_heads, num_kv_heads, vocab_size, d_f
                 num_kv_heads=num_kv_heads, vocab_size=vocab_size, d_ff=d_ff,
                 num_experts=num_experts, top_k=top_k, memory_layers=memory_layers)
   cfgs = model_configs(**common, ultramem_options=opt, ultramem_d_ff=d_ff)
-  dense_total = count(abstract_params(build(cfgs["dense"])))
-  moe_params = abstract_params(build(cfgs["moe_dropless"]))
-  moe_other = other_params(moe_params)
-  per_expert = (count(moe_params) - moe_other) // (num_layers * num_experts)
-  moe_total = count(moe_params)
+  dense_total = accounts(cfgs["dense"])["total"]
+  moe = accounts(cfgs["moe_dropless"])
+  moe_total = moe["total"]
+  per_expert = (moe_total - moe["other"]) // (num_layers * num_experts)
   min_keys = -(-knn // math.isqrt(value_expand))          # knn <= keys per side
 
   def dense_part(dff):  # params of the UltraMem model outside its memory layers
@@ -208,19 +204,16 @@ def plan_models(*, d_model, num_layers, num_heads, num_kv_heads, vocab_size, d_f
                              key=lambda f: abs(active(f, best_keys(f)) - dense_total))
   opt["num_keys"] = best_keys(dff)
   cfgs = model_configs(**common, ultramem_options=opt, ultramem_d_ff=dff)
-  um_params = abstract_params(build(cfgs["ultramem"]))
-  um_other = other_params(um_params)
-  assert count(um_params) == total(dff, opt["num_keys"]), "closed-form count is off"
+  um = accounts(cfgs["ultramem"])
+  assert um["total"] == total(dff, opt["num_keys"]), "closed-form count is off"
   info = {
       "dense": dict(total_params=dense_total, activated_params=dense_total, d_ff=d_ff),
-      "moe": dict(total_params=moe_total,
-                  activated_params=moe_other + num_layers * top_k * per_expert,
+      "moe": dict(total_params=moe_total, activated_params=moe["activated"],
                   num_experts=num_experts, top_k=top_k, d_expert=d_ff // top_k,
-                  per_expert_params=per_expert, non_expert_params=moe_other),
-      "ultramem": dict(total_params=count(um_params),
-                       activated_params=um_other + n_mem * mem_heads * knn * vdim,
+                  per_expert_params=per_expert, non_expert_params=moe["other"]),
+      "ultramem": dict(total_params=um["total"], activated_params=um["activated"],
                        d_ff=dff, memory_layers=memory_layers, num_memory_layers=n_mem,
-                       non_value_params=um_other,
+                       non_value_params=um["other"],
                        value_rows_per_layer=opt["num_keys"] ** 2, vdim=vdim,
                        options={k: v for k, v in opt.items() if k != "impl"}),
   }
@@ -268,31 +261,12 @@ def touched_fn(model: DecoderLM):
   return jax.jit(run)
 
 
-def _per_layer(tree, layer_prefix: str, leaf_ok, reduce) -> list[int]:
-  """[reduce(leaves) per "<layer_prefix><i>" module, in layer order] over the leaves
-  whose path names satisfy `leaf_ok(names)`."""
-  groups = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-    layer = next((s for s in names if s.startswith(layer_prefix)), None)
-    if layer is not None and leaf_ok(names):
-      groups.setdefault(layer, []).append(np.asarray(leaf))
-  return [reduce(groups[k]) for k in sorted(groups, key=lambda s: int(s.split("_")[-1]))]
-
-
-def moe_distinct_experts(metrics) -> list[int]:
-  """Distinct experts selected per MoE layer (sown load_<i> > 0), layer order."""
-  is_load = lambda names: ("ffn" in names and names[names.index("ffn") + 1][:5] == "load_"
-                           and names[names.index("ffn") + 1][5:].isdigit())
-  return _per_layer(metrics, "block_", is_load,
-                    lambda vs: sum(int(float(v.reshape(-1)[0]) > 0) for v in vs))
-
-
-def ultramem_distinct_rows(intermediates) -> list[int]:
-  """Distinct physical value rows read per memory layer (union over the batch)."""
-  return _per_layer(intermediates, "memory_", lambda names: "rows" in names,
-                    lambda vs: int(np.unique(np.concatenate(
-                        [v.reshape(-1) for v in vs])).size))
+def touched(model: DecoderLM, run, variables, cache, tokens) -> tuple[list[int], int]:
+  """([distinct experts or value rows read per routed layer], parameter bytes read)
+  of one decode step (`run` = touched_fn(model))."""
+  selected = accounting.selected_units(model.cfg, *run(variables, cache, tokens))
+  return list(selected.values()), accounting.decode_bytes_per_step(
+      model.cfg, variables["params"], selected)
 
 
 def check_cache(model, variables, full_logits, tokens, rtol=2e-4) -> float:
@@ -373,8 +347,7 @@ def bench(cfgs, info, *, batch_sizes, cache_len, repeats, min_sample_s, seed, he
         + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()), flush=True)
 
   steps = {name: step_fn(models[name], cache_len) for name in METHODS}
-  touched = {name: touched_fn(models[name]) for name in ("moe_dropless", "ultramem")}
-  moe, um = info["moe"], info["ultramem"]
+  runs = {name: touched_fn(models[name]) for name in ("moe_dropless", "ultramem")}
   records = []
   for b in batch_sizes:
     tokens = jnp.asarray(np.random.default_rng(seed + b).integers(
@@ -382,14 +355,12 @@ def bench(cfgs, info, *, batch_sizes, cache_len, repeats, min_sample_s, seed, he
     states = {name: [variables[name], filled_cache(
         models[name], b, cache_len, seed + 1000 * b + i), tokens]
         for i, name in enumerate(METHODS)}
-    experts = moe_distinct_experts(touched["moe_dropless"](
-        variables["moe_dropless"], states["moe_dropless"][1], tokens)[0])
-    rows = ultramem_distinct_rows(touched["ultramem"](
-        variables["ultramem"], states["ultramem"][1], tokens)[1])
-    bytes_ = {"dense": info["dense"]["total_params"] * 4,
-              "moe": 4 * (moe["non_expert_params"]
-                          + sum(experts) * moe["per_expert_params"]),
-              "ultramem": 4 * (um["non_value_params"] + sum(rows) * um["vdim"])}
+    (experts, moe_bytes), (rows, um_bytes) = (
+        touched(models[n], runs[n], variables[n], states[n][1], tokens)
+        for n in ("moe_dropless", "ultramem"))
+    bytes_ = {"dense": accounting.decode_bytes_per_step(
+        models["dense"].cfg, variables["dense"]["params"], {}),
+              "moe": moe_bytes, "ultramem": um_bytes}
     samples = time_steps(steps, states, repeats, min_sample_s)
     del states
     med = {n: float(np.median(s)) for n, s in samples.items()}

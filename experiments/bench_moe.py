@@ -50,7 +50,7 @@ if REPO not in sys.path:  # run as a script from anywhere
   sys.path.insert(0, REPO)
 
 from sparsejax.layers.ffn import GatedFFN  # noqa: E402
-from sparsejax.models import parse_model_config  # noqa: E402
+from sparsejax.models import accounting, parse_model_config  # noqa: E402
 from sparsejax.ops import moe as moe_ops  # noqa: E402
 from sparsejax.sharding import unbox  # noqa: E402
 
@@ -142,6 +142,22 @@ def nbytes(tree) -> int:
   return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
+def moe_accounts(params, k: int) -> dict:
+  """Total and activated-per-token params of the MoE FFN `params` (router + experts)
+  and expert_bytes(n): the bytes of n experts' weights, by `sparsejax.models.accounting`
+  with the FFN as block 0's of a one-block model."""
+  e, d, f = params["w_gate"].shape
+  model = parse_model_config(dict(d_model=d, num_layers=1, num_heads=1, num_kv_heads=1,
+                                  ffn="moe", ffn_options=dict(num_experts=e, top_k=k,
+                                                              d_expert=f)))
+  tree = lambda p: {"block_0": {"ffn": p}}
+  experts = {n: params[n] for n in ("w_gate", "w_up", "w_down")}
+  return dict(total=accounting.count_params(params)["total_params"],
+              activated=accounting.activated_params(model, tree(params)),
+              expert_bytes=lambda n: accounting.decode_bytes_per_step(
+                  model, tree(experts), {"block_0/ffn": n}))
+
+
 def train_step_fn(forward):
   """jit(params, x, g) -> ((loss, dropped fraction), grads w.r.t. params and x), with
   loss = Σ y·g and forward(params, x) -> (y, dropped fraction)."""
@@ -201,7 +217,7 @@ def bench_train(*, t, d, e, k, f, capacity_factor, repeats, min_sample_s, seed, 
   args = {name: (dense_params if name == "dense" else params, x, g) for name in steps}
   samples = time_methods(steps, args, repeats, min_sample_s)
   t_dense = float(np.median(samples["dense"]))
-  expert_params = 3 * d * f
+  moe_params = moe_accounts(params, k)
   records = []
   for name, ts in samples.items():
     tm = float(np.median(ts))
@@ -212,8 +228,8 @@ def bench_train(*, t, d, e, k, f, capacity_factor, repeats, min_sample_s, seed, 
         capacity_factor=capacity_factor if name == "capacity" else None,
         time_s=tm, times_s=[float(v) for v in ts], tokens_per_s=t / tm,
         throughput_vs_dense=t_dense / tm,
-        total_ffn_params=(e * expert_params + d * e) if moe else nbytes(dense_params) // 4,
-        activated_ffn_params=(k * expert_params + d * e) if moe else
+        total_ffn_params=moe_params["total"] if moe else nbytes(dense_params) // 4,
+        activated_ffn_params=moe_params["activated"] if moe else
         nbytes(dense_params) // 4,
         dropped_fraction=dropped if name == "capacity" else 0.0,
         max_rel_diff=diffs.get(name), agreed=True))
@@ -238,8 +254,8 @@ def bench_decode(*, batch_sizes, d, e, k, f, capacity_factor, repeats, min_sampl
     y = moe_apply(p, x, k=k, impl="loop", capacity_factor=capacity_factor)[0]
     return (y, *masked_reference(p, x, k=k, capacity_factor=capacity_factor),
             route(p, x, k)[1])
-  per_expert_bytes = 3 * d * f * 4
-  weight_bytes = {"dropless": e * per_expert_bytes, "capacity": e * per_expert_bytes,
+  expert_bytes = moe_accounts(params, k)["expert_bytes"]
+  weight_bytes = {"dropless": expert_bytes(e), "capacity": expert_bytes(e),
                   "dense_activated": nbytes(p_act), "dense_total": nbytes(p_tot)}
   fparams = {"dense_activated": p_act, "dense_total": p_tot}
 
@@ -253,7 +269,7 @@ def bench_decode(*, batch_sizes, d, e, k, f, capacity_factor, repeats, min_sampl
     diffs["capacity"] = assert_close(f"capacity (B={b}, dropped slots zeroed in the "
                                      "reference)", ref_cap, fwd["capacity"](params, x))
     unique = int(np.unique(np.asarray(experts)).size)
-    touched = dict(weight_bytes, decode=unique * per_expert_bytes)
+    touched = dict(weight_bytes, decode=expert_bytes(unique))
     args = {name: (fparams.get(name, params), x) for name in fwd}
     samples = time_methods(fwd, args, repeats, min_sample_s)
     t_act = float(np.median(samples["dense_activated"]))

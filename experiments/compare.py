@@ -21,23 +21,15 @@ configs' model, seq_len and batch; without it each variant runs its config's num
 Columns:
   val loss / bits/byte  final val cross-entropy in nats per byte, and that / ln 2.
   params                total = all parameters; non-emb. = without the (tied) embedding.
-  activated             non-embedding params used per token: everything counts fully
-                        (attention, dense FFN, router, memory query/keys/cores/norms/W_o:
-                        every key is scored) except MoE routed experts (w_gate, w_up,
-                        w_down count top_k/num_experts of their size) and memory value
-                        tables (only the heads·knn rows read per token × the row width:
-                        d_model for PKM, vdim for UltraMem). The embedding is excluded.
-  FLOPs/token           forward FLOPs per token (`flops_per_token`): 2 × the activated
-                        matmul params (attention q/k/v/o, FFN or routed top-k experts +
-                        router, memory query projection and UltraMem W_o, LM head d·V),
-                        + attention scores 2·2·(seq_len/2)·H·head_dim per layer (QKᵀ and
-                        AV at the mean causal context seq_len/2), + memory retrieval per
-                        memory layer: PKM 2·H·2·n·kdim (sub-key scores) + H·k² (candidate
-                        sums) + 2·H·k·d (weighted value sum); UltraMem 2·2·n·kdim·r·H
-                        (S_row, S_col; n = keys per side incl. IVE) + 2·2·H·n·r (rank-1
-                        candidate scores) + H·m²·2r²·C (Tucker grid, C cores) + 2·H·m·vdim
-                        (weighted value sum). Norms, softmax, top-k and the optimizer are
-                        not counted.
+  activated             non-embedding params used per token
+                        (`sparsejax.models.accounting.activated_params`): everything
+                        counts fully except MoE routed experts (top_k/num_experts of
+                        w_gate, w_up, w_down) and memory value tables (the heads·knn
+                        rows read per token × the row width).
+  FLOPs/token           forward FLOPs per token at seq_len
+                        (`sparsejax.models.accounting.flops_per_token`: 2 × the
+                        activated matmul params incl. the LM head + attention scores at
+                        the mean causal context seq_len/2 + memory retrieval scoring).
   tok/s                 training tokens per second (mean of the logged windows after the
                         first, which includes compilation).
 
@@ -48,40 +40,34 @@ and FLOPs, UltraMem ≲ MoE < PKM < Dense in loss, and each ablation step lowers
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import math
 import os
 import sys
 import time
 
 from absl import app, flags, logging
-import flax.linen as nn
-from flax import traverse_util
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import results_log  # noqa: E402  (sibling module)
+import configs  # noqa: E402  (sibling packages)
+import results_log  # noqa: E402
 
-from sparsejax.layers import registry  # noqa: E402
+from sparsejax.models import accounting  # noqa: E402
 from sparsejax.models.config import ModelConfig, parse_model_config  # noqa: E402
-from sparsejax.models.transformer import DecoderLM  # noqa: E402
 from sparsejax.train import sweep  # noqa: E402
 from sparsejax.train.report import read_metrics  # noqa: E402
 
-# name: ((config file in experiments/configs, get_config argument or None), description)
+# name: (config in experiments/configs, as `configs.load` takes it; description)
 VARIANTS = {
-    "dense": (("dense.py", None), "dense SwiGLU decoder, d_ff 384"),
-    "moe": (("moe.py", None), "8 SwiGLU experts top-2 (d_expert 192), d_ff-matched"),
-    "pkm": (("pkm.py", None), "PKM 85², 2 heads × top-16, in place (1:1,2:2), d_ff 256"),
-    "pkm_skip": (("ultramem_ablation.py", "pkm_skip"), "+ skip-layer (0:2,1:3)"),
-    "tdqkr": (("ultramem_ablation.py", "tdqkr"),
+    "dense": ("dense", "dense SwiGLU decoder, d_ff 384"),
+    "moe": ("moe", "8 SwiGLU experts top-2 (d_expert 192), d_ff-matched"),
+    "pkm": ("pkm", "PKM 85², 2 heads × top-16, in place (1:1,2:2), d_ff 256"),
+    "pkm_skip": ("ultramem_ablation:pkm_skip", "+ skip-layer (0:2,1:3)"),
+    "tdqkr": ("ultramem_ablation:tdqkr",
               "+ Tucker retrieval (r 2, 1 core), W_o, 85² values × 128"),
-    "ive": (("ultramem_ablation.py", "ive"), "+ IVE: E=4, 120² values × 64"),
-    "ultramem": (("ultramem.py", None), "+ multi-core scoring (C=2) = full UltraMem"),
+    "ive": ("ultramem_ablation:ive", "+ IVE: E=4, 120² values × 64"),
+    "ultramem": ("ultramem", "+ multi-core scoring (C=2) = full UltraMem"),
 }
 EXPECTED = ("UltraMem ≲ MoE < PKM < Dense (val loss at matched activated params), and "
             "pkm > pkm_skip > tdqkr > ive > ultramem along the ablation ladder")
@@ -101,97 +87,11 @@ _OVERRIDES = flags.DEFINE_string("overrides", "", "JSON dict deep-merged into ev
 _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
 
 
-def load_config(file: str, arg: str | None = None) -> dict:
-  """experiments/configs/<file>'s get_config(arg) as a plain dict."""
-  path = os.path.join(HERE, "configs", file)
-  spec = importlib.util.spec_from_file_location(f"_compare_config_{file[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config() if arg is None else module.get_config(arg)
-  return config.to_dict()
-
-
-def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """{"block_0/ffn/w_gate": shape, ...} of the model's params (no allocation)."""
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  variables = jax.eval_shape(lambda: DecoderLM(model).init(jax.random.key(0), tokens))
-  params = nn.meta.unbox(variables["params"])
-  return {k: tuple(v.shape) for k, v in
-          traverse_util.flatten_dict(params, sep="/").items()}
-
-
-def _options(model: ModelConfig, kind: str):
-  return registry.parse_options(kind, getattr(model, kind),
-                                getattr(model, f"{kind}_options"), f"model.{kind}_options")
-
-
-def count_params(model: ModelConfig) -> dict[str, float]:
-  """total, embedding, non-embedding and activated-per-token params (module docstring)."""
-  total = embedding = nonembed = 0
-  active = 0.0
-  moe = _options(model, "ffn") if model.ffn == "moe" else None
-  memory = _options(model, "memory") if model.memory != "none" else None
-  for name, shape in param_shapes(model).items():
-    size = math.prod(shape)
-    total += size
-    if name in ("embedding", "lm_head"):
-      embedding += size
-      continue
-    nonembed += size
-    leaf, parent = name.rsplit("/", 1)[-1], name.split("/")[-2] if "/" in name else ""
-    if moe is not None and parent == "ffn" and leaf in ("w_gate", "w_up", "w_down"):
-      active += size * moe.top_k / moe.num_experts
-    elif memory is not None and parent.startswith("memory_") and leaf == "values":
-      active += memory.heads * memory.knn * shape[-1]
-    else:
-      active += size
-  return {"total_params": total, "embedding_params": embedding,
-          "nonembedding_params": nonembed, "activated_params": active}
-
-
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-  """Forward FLOPs per token of `model` at `seq_len` (formula in the module docstring).
-
-  Supports the dense linear, the swiglu / relu2_glu / relu2 / moe FFNs and the pkm /
-  ultramem memories; multiply-adds count 2.
-  """
-  d, layers, hd = model.d_model, model.num_layers, model.resolved_head_dim
-  heads, kv = model.num_heads, model.num_kv_heads
-  attention = 2 * (d * heads * hd + 2 * d * kv * hd + heads * hd * d)  # q, k, v, o
-  attention += 2 * 2 * (seq_len / 2) * heads * hd                      # QKᵀ, AV
-  if model.ffn == "moe":
-    opt = _options(model, "ffn")
-    f = opt.resolved_d_expert(model.resolved_d_ff)
-    ffn = 2 * (d * opt.num_experts + (opt.top_k + opt.num_shared) * 3 * d * f)
-  elif model.ffn in ("swiglu", "relu2_glu"):
-    ffn = 2 * 3 * d * model.resolved_d_ff
-  elif model.ffn == "relu2":
-    ffn = 2 * 2 * d * model.resolved_d_ff
-  else:
-    raise ValueError(f"flops_per_token: unsupported ffn {model.ffn!r}")
-  total = layers * (attention + ffn) + 2 * d * model.vocab_size        # + LM head
-  if model.memory == "none":
-    return float(total)
-  opt = _options(model, "memory")
-  h, k, kdim = opt.heads, opt.knn, opt.resolved_kdim(d)
-  if model.memory == "pkm":
-    n = opt.num_keys
-    memory = (2 * d * h * 2 * kdim          # query projection
-              + 2 * h * 2 * n * kdim        # sub-key scores (rows and columns)
-              + h * k * k                   # k² candidate sums
-              + 2 * h * k * d)              # softmax-weighted sum of k value rows
-  elif model.memory == "ultramem":
-    n, r, c = opt.keys_per_side, opt.tucker_rank, opt.tucker_cores
-    vdim, e = opt.resolved_vdim(d), opt.value_expand
-    memory = (2 * d * 2 * kdim              # query projection (shared by the heads)
-              + 2 * 2 * n * kdim * r * h    # S_row, S_col
-              + 2 * 2 * h * n * r           # rank-1 candidate scores
-              + h * k * k * 2 * r * r * c   # per-core Tucker grid over m² candidates
-              + 2 * h * k * vdim            # weighted value sum
-              + 2 * e * vdim * d)           # W_o
-  else:
-    raise ValueError(f"flops_per_token: unsupported memory {model.memory!r}")
-  return float(total + len(model.memory_placements) * memory)
+def count_params(model: ModelConfig) -> dict[str, int]:
+  """Total, embedding, non-embedding and activated-per-token params (module docstring)."""
+  params = accounting.abstract_params(model)
+  return {**accounting.count_params(params),
+          "activated_params": accounting.activated_params(model, params)}
 
 
 def train_tokens_per_s(metrics_path: str) -> float:
@@ -205,10 +105,9 @@ def train_tokens_per_s(metrics_path: str) -> float:
 def variant_configs(names, steps: int, reduced: bool, overrides: dict,
                     moe_impl: str) -> dict[str, dict]:
   """{name: config dict} with the shared train settings applied."""
-  configs = {}
+  out = {}
   for name in names:
-    (file, arg), _ = VARIANTS[name]
-    config = load_config(file, arg)
+    config = configs.load(VARIANTS[name][0]).to_dict()
     num_steps = steps or (REDUCED_STEPS if reduced else config["train"]["num_steps"])
     every = max(num_steps // 5, 1)
     config = sweep.deep_update(config, {"train": {
@@ -220,8 +119,8 @@ def variant_configs(names, steps: int, reduced: bool, overrides: dict,
           **REDUCED["train"], "checkpoint_every": max(num_steps // 2, 1)}})
     if config["model"]["ffn"] == "moe":
       config = sweep.deep_update(config, {"model": {"ffn_options": {"impl": moe_impl}}})
-    configs[name] = sweep.deep_update(config, overrides)
-  return configs
+    out[name] = sweep.deep_update(config, overrides)
+  return out
 
 
 def markdown_table(rows: list[dict], baseline: str | None) -> str:
@@ -284,7 +183,7 @@ def main(argv):
     model = parse_model_config(configs[name]["model"])
     seq_len = configs[name]["data"]["seq_len"]
     rows.append({**dataclasses.asdict(result), **count_params(model),
-                 "flops_per_token": flops_per_token(model, seq_len),
+                 "flops_per_token": accounting.flops_per_token(model, seq_len),
                  "tokens_per_s": train_tokens_per_s(
                      os.path.join(_WORKDIR.value, name, "metrics.jsonl")),
                  "steps": configs[name]["train"]["num_steps"]})
@@ -307,7 +206,8 @@ def main(argv):
       "experts × top_k/num_experts; memory value tables only the heads·knn rows read "
       "per token; keys, query, W_o, norms fully). FLOPs/token: forward, 2 × activated "
       "matmul params incl. the LM head + attention scores at mean causal context "
-      "seq_len/2 + memory retrieval scoring (formulas in experiments/compare.py).\n\n"
+      "seq_len/2 + memory retrieval scoring (formulas in "
+      "sparsejax/models/accounting.py).\n\n"
       f"Expected (paper): {EXPECTED}.\n\nMeasured: {summary(rows)}")
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
     json.dump({"variants": rows, "wall_s": total_wall, "configs": configs}, f, indent=1)

@@ -1,5 +1,6 @@
-"""experiments/compare.py: FLOPs/params accounting by hand, and main() in-process on a
-tiny model (2 steps, moe + ultramem)."""
+"""experiments/compare.py: the experiment configs' FLOPs/params (by
+`sparsejax.models.accounting`) against hand counts, and main() in-process on a tiny
+model (2 steps, moe + ultramem)."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import math
 import pytest
 
 from conftest import experiment_module, run_main
+from sparsejax.models import accounting
 from sparsejax.models.config import parse_model_config
 
 
@@ -18,14 +20,14 @@ def compare():
 
 def test_flops_per_token_dense_hand_count(compare):
   # d 128, 4 heads of 32, 2 kv heads, 4 layers, d_ff 384, vocab 256, seq 128
-  model = parse_model_config(compare.load_config("dense.py")["model"])
+  model = parse_model_config(compare.configs.load("dense").model)
   d, layers, ff, vocab, seq = 128, 4, 384, 256, 128
   q_o = 2 * d * d                 # q_proj and o_proj: 128 × 128 each
   k_v = 2 * d * 64                # k_proj and v_proj: 128 × (2 kv heads · 32)
   ffn = 3 * d * ff                # gate, up, down
   per_layer = 2 * (q_o + k_v + ffn) + 2 * 2 * (seq / 2) * d
   expected = layers * per_layer + 2 * d * vocab
-  assert compare.flops_per_token(model, seq) == expected == 1_769_472
+  assert accounting.flops_per_token(model, seq) == expected == 1_769_472
   counts = compare.count_params(model)
   norms = layers * 2 * d + d      # attn_norm, ffn_norm per block + final_norm
   assert counts["embedding_params"] == vocab * d
@@ -35,15 +37,15 @@ def test_flops_per_token_dense_hand_count(compare):
 
 
 def test_activated_params_moe_and_memory(compare):
-  moe = parse_model_config(compare.load_config("moe.py")["model"])
-  dense = parse_model_config(compare.load_config("dense.py")["model"])
+  moe = parse_model_config(compare.configs.load("moe").model)
+  dense = parse_model_config(compare.configs.load("dense").model)
   c_moe, c_dense = compare.count_params(moe), compare.count_params(dense)
   # 8 experts of 3·128·192, 2 active = the dense 3·128·384; + router 128·8 per block
   assert c_moe["activated_params"] == c_dense["activated_params"] + 4 * 128 * 8
   assert c_moe["nonembedding_params"] == (c_dense["nonembedding_params"]
                                           + 4 * (3 * 128 * 192 * 8 - 3 * 128 * 384
                                                  + 128 * 8))
-  um = parse_model_config(compare.load_config("ultramem.py")["model"])
+  um = parse_model_config(compare.configs.load("ultramem").model)
   counts = compare.count_params(um)
   values = 2 * 120 ** 2 * 64       # two memory layers of 14,400 × 64
   read = 2 * 2 * 16 * 64           # per layer 2 heads × 16 rows × 64
