@@ -30,7 +30,7 @@ Every function is jitted and warmed up; each sample times `inner` back-to-back c
 (enough for >= --min_sample_ms) ending with `block_until_ready`, methods are interleaved
 round-robin across --repeats samples, and the median per-call time is reported. Bytes
 moved are the ideal R·D·(b_in + b_out); on a GPU/TPU the table also gives the fraction
-of the HBM roofline (bandwidths from /work/shared/specs/kernels.md). On CPU absolute
+of the HBM roofline (bandwidths in docs/kernels.md). On CPU absolute
 times are not meaningful (shared cores, no HBM): read the ratios only.
 
 Results: a table on stdout, one JSON line per measurement appended to --out (with date,
@@ -86,7 +86,7 @@ _INTERPRET_CHECK = flags.DEFINE_bool(
     "Spot-check the kernel in interpret mode at one small size (untimed).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the inputs.")
 
-# Per-chip HBM bandwidth, bytes/s (kernels.md "Hardware limits").
+# Per-chip HBM bandwidth, bytes/s (docs/kernels.md "Hardware limits and the roofline").
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "TPU v5e": 819e9, "TPU v5p": 2.77e12}
 
 
