@@ -549,7 +549,7 @@ def run(*, lengths, methods, backward, impl, decode_contexts, latency_contexts, 
   methods = [m for m in METHODS if m in methods]
   dev = jax.devices()[0]
   cpu = dev.platform == "cpu"
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, op="block_sparse_attention")
   command = command or " ".join([".venv/bin/python", *sys.argv])
   env = results_log.environment()
   header = dict(env, platform=dev.platform, device_kind=dev.device_kind, command=command,
