@@ -78,7 +78,8 @@ def output_init_std(cfg) -> float:
 
 
 class Attention(nn.Module):
-  """x [B, T, D] -> [B, T, D]: q/k/v projections, RoPE, causal GQA attention, output.
+  """x [B, T, D] -> [B, T, D]: q/k/v projections (+ biases when `cfg.qkv_bias`), RoPE
+  (scaled by `cfg.rope_scaling`), causal GQA attention, output projection.
 
   With `decode=True` keys/values are written to the "cache" collection
   (`key`/`value` [B, S_max, Hkv, Dh], `index` scalar); S_max is the length of the input
@@ -100,8 +101,13 @@ class Attention(nn.Module):
                name="k_proj")(x)
     v = linear((hkv, dh), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std,
                name="v_proj")(x)
-    q = attention_ops.rope(q, positions, cfg.rope_theta)
-    k = attention_ops.rope(k, positions, cfg.rope_theta)
+    if cfg.qkv_bias:  # params q_bias [Hq, Dh], k_bias / v_bias [Hkv, Dh]
+      q = q + self._bias("q_bias", (hq, dh), "heads").astype(q.dtype)
+      k = k + self._bias("k_bias", (hkv, dh), "kv_heads").astype(k.dtype)
+      v = v + self._bias("v_bias", (hkv, dh), "kv_heads").astype(v.dtype)
+    scaling = cfg.rope_scaling_params
+    q = attention_ops.rope(q, positions, cfg.rope_theta, scaling)
+    k = attention_ops.rope(k, positions, cfg.rope_theta, scaling)
     if decode and self.has_variable("cache", "index"):
       out = self._attend_cached(q, k, v, positions)
     else:
@@ -112,6 +118,10 @@ class Attention(nn.Module):
       out = self._attend(q, k, v)
     return linear((cfg.d_model,), ("heads", "head_dim", "embed"), contract_dims=2,
                   init_std=output_init_std(cfg), name="o_proj")(out)
+
+  def _bias(self, name, shape, heads_axis):
+    init = nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim"))
+    return self.param(name, init, shape, self.cfg.param_dtype)
 
   def _attend_cached(self, q, k, v, positions):
     key = self.variable("cache", "key")

@@ -40,6 +40,8 @@ class ModelConfig:
   head_dim: int = 0                # 0: d_model // num_heads
   d_ff: int = 0                    # 0: 8/3 · d_model rounded up to a multiple of 64
   rope_theta: float = 10_000.0
+  rope_scaling: Mapping[str, Any] = _EMPTY   # {} = off; else ops.attention.RopeScaling
+  qkv_bias: bool = False           # learned biases on the q/k/v projections (Qwen2)
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   init_std: float = 0.02
@@ -65,6 +67,15 @@ class ModelConfig:
   @property
   def resolved_d_ff(self) -> int:
     return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def rope_scaling_params(self):
+    """The validated `rope_scaling` (e.g. dict(rope_type="llama3", factor=8.0)), or None."""
+    if not self.rope_scaling:
+      return None
+    from sparsejax.ops.attention import RopeScaling
+    return validation.from_mapping(RopeScaling, self.rope_scaling,
+                                   "config.model.rope_scaling")
 
   @property
   def block_topk(self):
@@ -124,6 +135,7 @@ class ModelConfig:
     check_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
     check_choice(f"{prefix}.kernel_impl", self.kernel_impl, IMPLS)
     self.block_topk  # validates decode_block_topk
+    self.rope_scaling_params  # validates rope_scaling
     for kind in ("attention", "ffn", "linear"):
       registry.parse_options(kind, getattr(self, kind), getattr(self, f"{kind}_options"),
                              f"{prefix}.{kind}_options")
