@@ -379,3 +379,52 @@ def _write_tensors(out: str, rules: list[_Rule], flat: Mapping[str, Any],
   with open(os.path.join(out, INDEX), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
               indent=2, sort_keys=True)
+
+
+# Model fields continue-training takes from the checkpoint; the rest of config.model
+# (dtypes, remat, linear / attention variants that add no params, kernels) stays.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads",
+                       "num_kv_heads", "head_dim", "d_ff", "rope_theta", "rope_scaling",
+                       "qkv_bias", "norm_eps", "tie_embeddings", "ffn")
+MOE_ARCHITECTURE_OPTIONS = ("num_experts", "top_k", "d_expert", "scoring", "renormalize",
+                            "activation")
+
+
+def with_hf_model(config):
+  """`config` (a `sparsejax.train.config.Config`) with the architecture of the
+  checkpoint `config.train.init_from_hf` (`ARCHITECTURE_FIELDS`; for Mixtral also the
+  routing options, keeping the user's other `ffn_options`), and `config.data.tokenizer`
+  set to the checkpoint's tokenizer.json when left at "bytes"."""
+  from sparsejax.train.config import config_to_dict, parse_config
+  path = config.train.init_from_hf
+  field = f"config.train.init_from_hf={path!r}"
+  try:
+    hf_model = hf_config.model_config_from_hf(read_config(path),
+                                              os.path.join(path, "config.json"))
+  except (HFCheckpointError, HFConfigError) as e:
+    raise HFConfigError(f"{field}: {e}") from None
+  merged = config_to_dict(config)
+  model = merged["model"]
+  options = dict(model["ffn_options"]) if model["ffn"] == hf_model.ffn else {}
+  model.update({f: getattr(hf_model, f) for f in ARCHITECTURE_FIELDS})
+  model["ffn_options"] = {**options, **{k: v for k, v in hf_model.ffn_options.items()
+                                        if k in MOE_ARCHITECTURE_OPTIONS}}
+  tokenizer = os.path.join(path, "tokenizer.json")
+  if merged["data"]["tokenizer"] == "bytes" and os.path.exists(tokenizer):
+    merged["data"]["tokenizer"] = tokenizer
+  return parse_config(merged)
+
+
+def load_params_for(trainer) -> Any:
+  """The params of `trainer.config.train.init_from_hf`, placed on the trainer's mesh
+  in its param dtype; raises naming the field when its model's params differ."""
+  path = trainer.config.train.init_from_hf
+  _, params = load_hf(path, dtype=jnp.dtype(trainer.config.model.param_dtype),
+                      mesh=trainer.mesh)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), trainer.abstract_state.params)
+  have = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+  if want != have:
+    raise HFCheckpointError(
+        f"config.train.init_from_hf={path!r}: this model's parameters differ from the "
+        "checkpoint's (config.model adds or changes weights, e.g. a memory layer)")
+  return params

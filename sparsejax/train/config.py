@@ -29,6 +29,8 @@ class TrainConfig:
   sample_prompt: str = "def "    # prompt for the sample printed at the end
   sample_tokens: int = 200       # 0: no sample
   init_from: str = ""            # a run's workdir: start from its latest params
+  init_from_hf: str = ""         # a Hugging Face checkpoint dir: its architecture and
+                                 # params (sparsejax.interop.hf.with_hf_model)
 
   def validate(self, prefix: str = "config.train") -> None:
     check(self.num_steps >= 1, f"{prefix}.num_steps", self.num_steps, ">= 1")
@@ -41,6 +43,8 @@ class TrainConfig:
           self.keep_checkpoints, ">= 1")
     check(self.sample_tokens == 0 or self.sample_prompt != "", f"{prefix}.sample_prompt",
           self.sample_prompt, "non-empty when sample_tokens > 0")
+    check(not (self.init_from and self.init_from_hf), f"{prefix}.init_from_hf",
+          self.init_from_hf, f"empty when init_from={self.init_from!r} is set")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +56,13 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
   def validate(self, prefix: str = "config") -> None:
-    check(self.model.vocab_size >= 256 or bool(self.data.path),
+    bytes_tokens = self.data.tokenizer == "bytes"
+    check(self.model.vocab_size >= 256 or bool(self.data.path) or not bytes_tokens,
           f"{prefix}.model.vocab_size", self.model.vocab_size,
           ">= 256 for the byte-level default corpus")
+    check(self.train.sample_tokens == 0 or bytes_tokens, f"{prefix}.train.sample_tokens",
+          self.train.sample_tokens, "0 when config.data.tokenizer is not 'bytes' (the "
+          "end-of-run sample is byte-level)")
 
 
 def parse_config(config: Any) -> Config:

@@ -17,7 +17,9 @@ Sources (`DataConfig.path`):
 Multi-file sources are split by a stable hash of the `/`-separated relative path: a file
 goes to val iff `int(md5(relpath).hexdigest(), 16) % 10_000 < val_fraction * 10_000`.
 A source with a single usable file or shard is split by its tail, like a single text file.
-Text files are byte tokens (uint8) joined by `EOS`; shards are concatenated as they are
+Text files are byte tokens (uint8) joined by `EOS`, or, with `config.data.tokenizer` a
+tokenizer.json path, its token ids (tokenized once and cached as .npy shards,
+`sparsejax.train.tokenizer`); shards are concatenated as they are
 (they are expected to carry their own separators) in their integer dtype.
 
 Examples are packed, non-overlapping windows: window i is
@@ -37,6 +39,7 @@ import grain
 import numpy as np
 
 from sparsejax import validation
+from sparsejax.train import tokenizer as tokenizer_lib
 
 EOS = 0  # document separator token (byte 0, NUL, never occurs in text sources)
 VOCAB_SIZE = 256  # byte-level
@@ -55,6 +58,7 @@ class DataConfig:
   batch_size: int = 32        # GLOBAL batch size; must be divisible by process count
   val_fraction: float = 0.05  # (0, 1): share of files (or tail of a single file) for val
   seed: int = 0               # shuffle seed
+  tokenizer: str = "bytes"    # "bytes" or a tokenizer.json path (`sparsejax.train.tokenizer`)
 
   def validate(self, prefix: str) -> None:
     validation.check(isinstance(self.path, str), f"{prefix}.path", self.path, "a string")
@@ -64,6 +68,7 @@ class DataConfig:
     validation.check(0.0 < self.val_fraction < 1.0, f"{prefix}.val_fraction",
                      self.val_fraction, "in (0, 1)")
     validation.check(self.seed >= 0, f"{prefix}.seed", self.seed, ">= 0")
+    tokenizer_lib.check_tokenizer(self.tokenizer, f"{prefix}.tokenizer")
 
 
 def _error(path: str, msg: str) -> validation.ConfigError:
@@ -182,7 +187,10 @@ def load_tokens(cfg: DataConfig, split: str) -> np.ndarray:
   files or an empty split.
   """
   validation.check_choice("split", split, _SPLITS)
-  if cfg.path == "":
+  if cfg.tokenizer != tokenizer_lib.BYTES and tokenizer_lib.is_text_source(cfg.path):
+    tokens = tokenizer_lib.load_tokenized(cfg.path, cfg.tokenizer, split,
+                                          float(cfg.val_fraction))
+  elif cfg.path == "":
     tokens = _load_embedded(split, float(cfg.val_fraction))
   else:
     tokens = _load(cfg.path, split, float(cfg.val_fraction))

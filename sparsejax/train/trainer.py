@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from sparsejax import sharding
+from sparsejax.interop import hf
 from sparsejax.models import DecoderLM
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -229,6 +230,8 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
   a hook) saves a checkpoint of the last completed step before propagating. A NaN/Inf
   loss or gradient norm stops the run with FloatingPointError without saving it.
   """
+  if config.train.init_from_hf:  # the checkpoint's architecture and tokenizer
+    config = hf.with_hf_model(config)
   cfg = config.train
   trainer = trainer_for(config)
   os.makedirs(workdir, exist_ok=True)
@@ -240,6 +243,9 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
   if start is None and cfg.init_from:
     start, state = 0, trainer.state_from_params(load_params(cfg.init_from, trainer))
     print(f"Initialized params from {cfg.init_from}")
+  elif start is None and cfg.init_from_hf:
+    start, state = 0, trainer.state_from_params(hf.load_params_for(trainer))
+    print(f"Initialized params from {cfg.init_from_hf}")
   elif start is None:
     start, state = 0, trainer.init_state()
   else:
