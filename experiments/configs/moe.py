@@ -6,7 +6,7 @@ dense default's, total FFN params 4×).
 
 Per-block routing metrics are logged as e.g. block_0/ffn/load_max_over_mean and
 block_0/ffn/load_3; the Switch aux loss (α=0.01) and router z-loss (β=1e-3) are in
-aux_loss. Variants: --config.model.ffn_options.impl=capacity (GShard dropping, see
+aux_loss. Variants: --config.model.ffn_options.dispatch=capacity (GShard dropping, see
 block_*/ffn/dropped_fraction), --config.model.ffn_options.scoring=sigmoid
 --config.model.ffn_options.bias_update_rate=1e-3 --config.model.ffn_options.aux_loss_weight=0
 (DeepSeek-V3 aux-loss-free balancing). Compare with the dense baseline (dense.py).
@@ -25,6 +25,6 @@ def get_config():
       ffn="moe",
       ffn_options=dict(num_experts=8, top_k=2, d_expert=0, num_shared=0,
                        scoring="softmax", renormalize=True, activation="swiglu",
-                       impl="auto", capacity_factor=1.25, aux_loss_weight=0.01,
+                       dispatch="auto", capacity_factor=1.25, aux_loss_weight=0.01,
                        z_loss_weight=1e-3, bias_update_rate=0.0))
   return config

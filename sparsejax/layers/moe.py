@@ -2,7 +2,7 @@
 
     config.model.ffn = "moe"
     config.model.ffn_options = dict(num_experts=8, top_k=2, d_expert=0, num_shared=0,
-        scoring="softmax", renormalize=True, activation="swiglu", impl="auto",
+        scoring="softmax", renormalize=True, activation="swiglu", dispatch="auto",
         capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=1e-3,
         bias_update_rate=0.0, log_expert_load=True, expert_parallel=False)
 
@@ -25,16 +25,19 @@ Sown scalars:
             when the weight is > 0). With sigmoid scoring P uses the scores normalized
             per token (s / Σ s, DeepSeek-V3's sequence-wise balance loss style).
   metrics   "load_max_over_mean" (max_i load_i / mean load; 1 = balanced),
-            "dropped_fraction" (capacity impl), and "load_<i>" per expert (fraction of
-            (token, slot) assignments; `log_expert_load=False` turns these off).
+            "dropped_fraction" (capacity dispatch), and "load_<i>" per expert (fraction
+            of (token, slot) assignments; `log_expert_load=False` turns these off).
 
-Expert parallelism (`expert_parallel=True`, requires impl="capacity"): when the mesh
+`dispatch` names the algorithm that routes tokens to experts (`sparsejax.ops.moe`:
+"loop" | "dropless" | "capacity" | "decode", or "auto"); it is not a kernel `impl`.
+
+Expert parallelism (`expert_parallel=True`, requires dispatch="capacity"): when the mesh
 set by `jax.set_mesh` (the trainer's) has an "expert" axis of size > 1, the routed
 experts run in `sparsejax.ops.moe_ep.moe_ffn_expert_parallel` (shard_map + all_to_all
 over "expert"; tokens split over `sparsejax.sharding.BATCH_AXES`; capacity per device
 from its local tokens: C = ceil(k·N_local/E · capacity_factor)). Without such a mesh
 (or when N tokens don't divide over the batch axes, or E over "expert") the local
-capacity impl runs (capacity from all N tokens of the call).
+capacity dispatch runs (capacity from all N tokens of the call).
 
 The routed experts use plain einsum weights: a Q-Sparse/BitNet `linear` applies to the
 attention and shared-expert projections only.
@@ -58,7 +61,7 @@ from sparsejax.ops import moe_ep
 from sparsejax.validation import check, check_choice
 
 ACTIVATIONS = {"swiglu": nn.silu, "relu2_glu": relu_squared}
-IMPLS = ("auto", "dropless", "loop", "capacity", "decode")
+DISPATCHES = ("auto", *moe_ops.DISPATCHES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +76,16 @@ class MoEOptions:
   scoring: str = "softmax"     # "softmax" | "sigmoid" (DeepSeek-V3)
   renormalize: bool = True     # weights of the k selected experts sum to 1
   activation: str = "swiglu"   # "swiglu" | "relu2_glu" (for Q-Sparse)
-  impl: str = "auto"           # "auto" | "dropless" | "loop" | "capacity" | "decode";
+  dispatch: str = "auto"       # "auto" | "dropless" | "loop" | "capacity" | "decode";
                                # auto: "decode" when T·k < E tokens (small-batch
                                # decoding reads fewer weights), else "dropless"
-  capacity_factor: float = 1.25  # impl="capacity": C = ceil(k·T/E · capacity_factor)
+  capacity_factor: float = 1.25  # dispatch="capacity": C = ceil(k·T/E · capacity_factor)
   aux_loss_weight: float = 0.01  # α of the Switch load-balancing loss
   z_loss_weight: float = 1e-3    # β of the router z-loss
   bias_update_rate: float = 0.0  # γ > 0: aux-loss-free balancing bias updates
   log_expert_load: bool = True   # sow per-expert load_<i> metrics
   expert_parallel: bool = False  # shard_map/all_to_all experts over mesh axis "expert"
-                                 # (when its size > 1); requires impl="capacity"
+                                 # (when its size > 1); requires dispatch="capacity"
 
   def validate(self, prefix: str = "config.model.ffn_options") -> None:
     check(self.num_experts >= 1, f"{prefix}.num_experts", self.num_experts, ">= 1")
@@ -92,26 +95,27 @@ class MoEOptions:
     check(self.num_shared >= 0, f"{prefix}.num_shared", self.num_shared, ">= 0")
     check_choice(f"{prefix}.scoring", self.scoring, moe_ops.SCORINGS)
     check_choice(f"{prefix}.activation", self.activation, tuple(ACTIVATIONS))
-    check_choice(f"{prefix}.impl", self.impl, IMPLS)
+    check_choice(f"{prefix}.dispatch", self.dispatch, DISPATCHES)
     check(self.capacity_factor > 0, f"{prefix}.capacity_factor", self.capacity_factor,
           "> 0")
     for name in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), ">= 0")
     check(isinstance(self.expert_parallel, bool), f"{prefix}.expert_parallel",
           self.expert_parallel, "a bool")
-    check(not self.expert_parallel or self.impl == "capacity",
+    check(not self.expert_parallel or self.dispatch == "capacity",
           f"{prefix}.expert_parallel", self.expert_parallel,
-          f'False unless impl="capacity" (impl={self.impl!r})')
+          f'False unless dispatch="capacity" (dispatch={self.dispatch!r})')
 
   def resolved_d_expert(self, d_ff: int) -> int:
     return self.d_expert or max(1, d_ff // (self.top_k + self.num_shared))
 
 
-def resolve_impl(impl: str, num_tokens: int, top_k: int, num_experts: int) -> str:
+def resolve_dispatch(dispatch: str, num_tokens: int, top_k: int, num_experts: int
+                     ) -> str:
   """"auto" → "decode" when T·k < E (gathering T·k expert slices reads less than all E
   experts' weights), else "dropless"; other values pass through."""
-  if impl != "auto":
-    return impl
+  if dispatch != "auto":
+    return dispatch
   return "decode" if num_tokens * top_k < num_experts else "dropless"
 
 
@@ -120,7 +124,7 @@ def expert_parallel_mesh(num_tokens: int | None = None,
                          ) -> jax.sharding.AbstractMesh | None:
   """The current abstract mesh (`jax.set_mesh`) if it has an "expert" axis of size
   > 1 (and, when given, `num_tokens` divides over the batch axes and `num_experts` over
-  "expert"), else None: expert parallelism then falls back to the local impl."""
+  "expert"), else None: expert parallelism then falls back to the local dispatch."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] <= 1:
     return None
@@ -161,7 +165,7 @@ class MoEFFN(nn.Module):
     weights, experts, scores = moe_ops.route(
         logits, opt.top_k, scoring=opt.scoring,
         bias=bias.value if use_bias else None, renormalize=opt.renormalize)
-    impl = resolve_impl(opt.impl, xt.shape[0], opt.top_k, e)
+    dispatch = resolve_dispatch(opt.dispatch, xt.shape[0], opt.top_k, e)
     dtype = cfg.dtype
     args = (xt.astype(dtype), weights, experts, w_gate.astype(dtype),
             w_up.astype(dtype), w_down.astype(dtype))
@@ -173,7 +177,7 @@ class MoEFFN(nn.Module):
           batch_axes=sharding.BATCH_AXES)
     else:
       y, dropped = moe_ops.moe_ffn(
-          *args, activation=ACTIVATIONS[opt.activation], impl=impl,
+          *args, activation=ACTIVATIONS[opt.activation], dispatch=dispatch,
           capacity_factor=opt.capacity_factor)
     y = y.reshape(x.shape)
 

@@ -13,9 +13,17 @@ Shapes: T tokens, D model dim, E experts, k experts per token, F expert hidden d
 
 Each expert is y_e(x) = W_down,e (act(W_gate,e x) ⊙ W_up,e x) (gated; SwiGLU with
 act = silu) or W_down,e act(W_up,e x) when w_gate is None, and the layer output is
-y(x) = Σ_{j<k} weights_j · y_{experts_j}(x). The dispatch implementations
-("loop" | "dropless" | "capacity", and `moe_decode`) compute the same y (forward and
+y(x) = Σ_{j<k} weights_j · y_{experts_j}(x). The dispatch algorithms (`dispatch=`
+"loop" | "dropless" | "capacity", and `moe_decode`) compute the same y (forward and
 gradients) when no token is dropped.
+
+Invalid expert ids (negative, e.g. -1 padding, or ≥ E) follow one rule in every
+dispatch algorithm and in expert parallelism: the (token, slot) pair contributes exactly
+zero to y and gets/gives zero gradient (its weight, the token and the expert weights
+receive nothing from it), as if the pair were removed; it takes no capacity slot and
+does not count as dropped. With `check_indices=True` an invalid id is reported by a
+`jax.experimental.checkify.checkify` wrapper instead. T = 0 tokens or k = 0 slots give
+an empty (or zero) y.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 SCORINGS = ("softmax", "sigmoid")
-IMPLS = ("loop", "dropless", "capacity", "decode")
+DISPATCHES = ("loop", "dropless", "capacity", "decode")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu, "relu2": lambda h: jnp.square(nn.relu(h)), "relu": nn.relu,
     "gelu": nn.gelu,
@@ -84,7 +93,10 @@ def route(logits: jax.Array, k: int, *, scoring: str = "softmax",
 
 def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
   """f [E] f32: fraction of the (token, slot) assignments in experts [T,k] per expert
-  (sums to 1; uniform load = 1/E)."""
+  (sums to 1 over valid ids; uniform load = 1/E; all zeros when T·k = 0). Invalid ids
+  (outside [0, E)) count for no expert."""
+  if experts.size == 0:
+    return jnp.zeros((num_experts,), jnp.float32)
   counts = jnp.sum(jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32),
                    axis=0)
   return counts / experts.size
@@ -96,15 +108,20 @@ def switch_aux_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> 
   f_i = fraction of the T·k (token, slot) assignments going to expert i (no gradient),
   P_i = mean over tokens of the router probability scores [T,E] of expert i.
   Hugging Face's `load_balancing_loss_func` counts f_i over tokens instead of slots
-  (Σ_i f_i = k), so it equals k × this value.
+  (Σ_i f_i = k), so it equals k × this value. 0 for T = 0 tokens.
   """
+  if experts.size == 0:
+    return jnp.zeros((), jnp.float32)
   f = jax.lax.stop_gradient(expert_load(experts, num_experts))
   p = jnp.mean(scores.reshape(-1, num_experts).astype(jnp.float32), axis=0)
   return num_experts * jnp.sum(f * p)
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
-  """ST-MoE router z-loss: mean over tokens of logsumexp(z)², logits [..., E]."""
+  """ST-MoE router z-loss: mean over tokens of logsumexp(z)², logits [..., E] (0 for
+  no tokens)."""
+  if logits.size == 0:
+    return jnp.zeros((), jnp.float32)
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   return jnp.mean(jnp.square(lse))
 
@@ -132,6 +149,9 @@ def _check_shapes(x, weights, experts, w_gate, w_up, w_down):
   if weights.shape != experts.shape or weights.ndim != 2 or weights.shape[0] != t:
     raise ValueError(f"weights {weights.shape} and experts {experts.shape} must both "
                      f"be [T={t}, k]")
+  if not jnp.issubdtype(experts.dtype, jnp.integer):
+    raise TypeError(f"experts must be an integer array of expert ids, got dtype "
+                    f"{experts.dtype}")
   e, d_up, f = w_up.shape
   if d_up != d or w_down.shape != (e, f, d) or (
       w_gate is not None and w_gate.shape != w_up.shape):
@@ -141,8 +161,24 @@ def _check_shapes(x, weights, experts, w_gate, w_up, w_down):
                      f"w_down {w_down.shape}")
 
 
+def valid_experts(experts: jax.Array, num_experts: int) -> jax.Array:
+  """bool, experts' shape: True where the id is in [0, num_experts)."""
+  return (experts >= 0) & (experts < num_experts)
+
+
+def check_experts(experts: jax.Array, num_experts: int, fn: str) -> None:
+  """`checkify.check` that every id of `experts` is in [0, num_experts): reported (with
+  the first bad id) by a `jax.experimental.checkify.checkify` wrapper."""
+  if experts.size == 0:
+    return
+  ok = valid_experts(experts, num_experts).reshape(-1)
+  checkify.check(jnp.all(ok), f"{fn}: experts must be expert ids in [0, {num_experts}), "
+                 "got {bad}", bad=experts.reshape(-1)[jnp.argmin(ok)])
+
+
 def _loop(x, weights, experts, w_gate, w_up, w_down, act):
-  """Reference: per expert, gather its tokens (static size T, padded), apply, scatter."""
+  """Reference: per expert, gather its tokens (static size T, padded), apply, scatter.
+  Invalid ids match no expert."""
   t = x.shape[0]
   y = jnp.zeros(x.shape, jnp.float32)
   for e in range(w_up.shape[0]):
@@ -158,19 +194,23 @@ def _loop(x, weights, experts, w_gate, w_up, w_down, act):
   return y
 
 
-def _dropless(x, weights, experts, w_gate, w_up, w_down, act):
-  """Sort the T·k (token, slot) pairs by expert, grouped matmuls, unsort, combine."""
+def _dropless(x, weights, experts, valid, w_gate, w_up, w_down, act):
+  """Sort the T·k (token, slot) pairs by expert, grouped matmuls, unsort, combine.
+
+  Invalid pairs get the sort key E: they sort last, past every group (`ragged_dot`
+  gives those rows 0), and are masked out of the combine."""
   t, k = experts.shape
   e = w_up.shape[0]
-  flat = experts.reshape(-1)
+  flat = jnp.where(valid, experts, e).reshape(-1)
   order = jnp.argsort(flat, stable=True)                   # [T·k]
   xs = x[order // k]                                       # [T·k, D] sorted by expert
-  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)   # [E]
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)   # [E] (key E is not counted)
   up = jax.lax.ragged_dot(xs, w_up, sizes)
   h = act(up) if w_gate is None else act(jax.lax.ragged_dot(xs, w_gate, sizes)) * up
   out = jax.lax.ragged_dot(h, w_down, sizes)               # [T·k, D]
   ys = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
-  return jnp.einsum("tk,tkd->td", weights, ys.astype(jnp.float32))
+  ys = jnp.where(valid[..., None], ys.astype(jnp.float32), 0.0)
+  return jnp.einsum("tk,tkd->td", weights, ys)
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -184,8 +224,9 @@ def capacity_dispatch(weights: jax.Array, experts: jax.Array, num_experts: int,
 
   Positions are a cumsum over the one-hot assignments in slot-major order (every
   token's 1st choice, then every 2nd choice, ...); slots at position ≥ C are dropped.
-  Returns dispatch [T,E,C] (`dtype`, 0/1), combine f32 [T,E,C] (the routing weight of
-  the token at its slot) and keep bool [T,k].
+  Invalid ids (outside [0, E)) have an all-zero one-hot: they take no slot, dispatch
+  nothing and are not dropped. Returns dispatch [T,E,C] (`dtype`, 0/1), combine f32
+  [T,E,C] (the routing weight of the token at its slot) and dropped bool [T,k].
   """
   t, k = experts.shape
   e, c = num_experts, cap
@@ -197,7 +238,7 @@ def capacity_dispatch(weights: jax.Array, experts: jax.Array, num_experts: int,
   dispatch = jnp.einsum("tke,tkc->tec", jax.nn.one_hot(experts, e, dtype=dtype), slot)
   combine = jnp.einsum("tke,tkc,tk->tec", jax.nn.one_hot(experts, e, dtype=jnp.float32),
                        slot.astype(jnp.float32), weights.astype(jnp.float32))
-  return dispatch, combine, keep
+  return dispatch, combine, valid_experts(experts, e) & ~keep
 
 
 def expert_ffn(xe: jax.Array, w_gate: jax.Array | None, w_up: jax.Array,
@@ -215,68 +256,89 @@ def _capacity(x, weights, experts, w_gate, w_up, w_down, act, capacity_factor):
   t, k = experts.shape
   e = w_up.shape[0]
   c = capacity(t, k, e, capacity_factor)
-  dispatch, combine, keep = capacity_dispatch(weights, experts, e, c, x.dtype)
+  dispatch, combine, dropped = capacity_dispatch(weights, experts, e, c, x.dtype)
   xe = jnp.einsum("tec,td->ecd", dispatch, x)               # [E, C, D]
   out = expert_ffn(xe, w_gate, w_up, w_down, act)
   y = jnp.einsum("tec,ecd->td", combine, out.astype(jnp.float32))
-  dropped = jnp.sum(~keep).astype(jnp.float32) / keep.size
-  return y, dropped
+  return y, jnp.sum(dropped).astype(jnp.float32) / dropped.size
+
+
+def check_dispatch_args(dispatch: str, capacity_factor: float) -> None:
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"dispatch={dispatch!r} must be one of {DISPATCHES}")
+  if dispatch == "capacity" and not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
 
 
 def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array,
             w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *,
-            activation: Activation = "silu", impl: str = "dropless",
-            capacity_factor: float = 1.25) -> tuple[jax.Array, jax.Array]:
+            activation: Activation = "silu", dispatch: str = "dropless",
+            capacity_factor: float = 1.25, check_indices: bool = False
+            ) -> tuple[jax.Array, jax.Array]:
   """Routed experts: y [T,D] = Σ_j weights[t,j] · FFN_{experts[t,j]}(x_t), and the
-  fraction of (token, slot) pairs dropped (f32 scalar; 0 except for impl="capacity").
+  fraction of (token, slot) pairs dropped (f32 scalar; 0 except for
+  dispatch="capacity").
 
   x [T,D]; weights f32 [T,k]; experts int [T,k]; w_gate, w_up [E,D,F] (w_gate None:
   non-gated experts act(x W_up) W_down); w_down [E,F,D]. `activation` is a callable or
-  "silu" | "relu2" | "relu" | "gelu". impl:
+  "silu" | "relu2" | "relu" | "gelu". dispatch (the algorithm; all give the same y):
     loop      per expert: gather its tokens, apply, scatter-add (reference; slow).
     dropless  sort (token, slot) by expert, `jax.lax.ragged_dot` grouped matmuls.
     capacity  GShard: C = ceil(k·T/E · capacity_factor) slots per expert, one-hot
               dispatch/combine einsums; overflowing slots are dropped (contribute 0).
     decode    `moe_decode`: gathers the selected experts' weights per token.
-  Output dtype is x.dtype; the combine is done in float32.
+  An id outside [0, E) makes its pair contribute exactly 0 (and get zero gradient);
+  `check_indices=True` reports such ids through `checkify.checkify` instead. T = 0 or
+  k = 0 give zeros [T,D]. Output dtype is x.dtype; the combine is done in float32.
   """
   _check_shapes(x, weights, experts, w_gate, w_up, w_down)
+  check_dispatch_args(dispatch, capacity_factor)
   act = _activation(activation)
-  weights = weights.astype(jnp.float32)
   zero = jnp.zeros((), jnp.float32)
-  if impl == "loop":
+  if dispatch == "decode":
+    return moe_decode(x, weights, experts, w_gate, w_up, w_down, activation=activation,
+                      check_indices=check_indices), zero
+  e = w_up.shape[0]
+  if check_indices:
+    check_experts(experts, e, "moe_ffn")
+  if experts.size == 0:
+    return jnp.zeros_like(x), zero
+  valid = valid_experts(experts, e)
+  weights = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+  if dispatch == "loop":
     y, dropped = _loop(x, weights, experts, w_gate, w_up, w_down, act), zero
-  elif impl == "dropless":
-    y, dropped = _dropless(x, weights, experts, w_gate, w_up, w_down, act), zero
-  elif impl == "capacity":
-    if not capacity_factor > 0:
-      raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+  elif dispatch == "dropless":
+    y, dropped = _dropless(x, weights, experts, valid, w_gate, w_up, w_down, act), zero
+  else:
     y, dropped = _capacity(x, weights, experts, w_gate, w_up, w_down, act,
                            capacity_factor)
-  elif impl == "decode":
-    return moe_decode(x, weights, experts, w_gate, w_up, w_down,
-                      activation=activation), zero
-  else:
-    raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
   return y.astype(x.dtype), dropped
 
 
 def moe_decode(x: jax.Array, weights: jax.Array, experts: jax.Array,
                w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *,
-               activation: Activation = "silu") -> jax.Array:
+               activation: Activation = "silu", check_indices: bool = False
+               ) -> jax.Array:
   """Small-batch (decode) path: y [T,D] reading only the T·k selected weight slices.
 
   Gathers w[experts] → [T,k,D,F] / [T,k,F,D] and does per-(token, slot) matmuls:
   h_tj = act(x_t W_gate[e_tj]) ⊙ x_t W_up[e_tj], y_t = Σ_j weights_tj · h_tj W_down[e_tj].
   Memory traffic is T·k·3·D·F weights instead of E·3·D·F, so it wins when T·k < E.
+  Invalid ids (outside [0, E)) contribute exactly 0, as in `moe_ffn`.
   """
   _check_shapes(x, weights, experts, w_gate, w_up, w_down)
   act = _activation(activation)
-  up = jnp.einsum("td,tkdf->tkf", x, w_up[experts])
+  e = w_up.shape[0]
+  if check_indices:
+    check_experts(experts, e, "moe_decode")
+  valid = valid_experts(experts, e)
+  safe = jnp.where(valid, experts, 0)       # gathers a real row; masked out below
+  up = jnp.einsum("td,tkdf->tkf", x, w_up[safe])
   if w_gate is None:
     h = act(up)
   else:
-    h = act(jnp.einsum("td,tkdf->tkf", x, w_gate[experts])) * up
-  out = jnp.einsum("tkf,tkfd->tkd", h, w_down[experts])
-  y = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), out.astype(jnp.float32))
+    h = act(jnp.einsum("td,tkdf->tkf", x, w_gate[safe])) * up
+  out = jnp.einsum("tkf,tkfd->tkd", h, w_down[safe]).astype(jnp.float32)
+  out = jnp.where(valid[..., None], out, 0.0)
+  y = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), out)
   return y.astype(x.dtype)

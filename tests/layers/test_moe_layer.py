@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, tiny_config_dict
 from sparsejax.layers import registry
-from sparsejax.layers.moe import MoEOptions, resolve_impl
+from sparsejax.layers.moe import MoEOptions, resolve_dispatch
 from sparsejax.models import parse_model_config
 from sparsejax.ops import moe as moe_ops
 from sparsejax.sharding import unbox
@@ -40,8 +40,8 @@ def np_silu(x):
 
 
 @pytest.mark.parametrize("options", [
-    dict(num_experts=4, top_k=2, impl="dropless"),
-    dict(num_experts=6, top_k=3, num_shared=1, scoring="sigmoid", impl="capacity",
+    dict(num_experts=4, top_k=2, dispatch="dropless"),
+    dict(num_experts=6, top_k=3, num_shared=1, scoring="sigmoid", dispatch="capacity",
          capacity_factor=8.0),
 ])
 def test_layer_equals_ops_on_its_params(rng_seed, options):
@@ -72,7 +72,7 @@ def test_layer_equals_ops_on_its_params(rng_seed, options):
   w, idx, scores = moe_ops.route(logits, opt.top_k, scoring=opt.scoring,
                                  bias=bias if opt.scoring == "sigmoid" else None)
   ref, _ = moe_ops.moe_ffn(xt, w, idx, params["w_gate"], params["w_up"],
-                           params["w_down"], activation="silu", impl="loop")
+                           params["w_down"], activation="silu", dispatch="loop")
   ref = np.asarray(ref, np.float64)
   if opt.num_shared:
     sp = {k: np.asarray(v["kernel"], np.float64) for k, v in params["shared"].items()}
@@ -114,14 +114,14 @@ def test_bias_updates_only_when_moe_state_is_mutable(rng_seed):
   assert np.abs(np.asarray(expected)).max() > 0
 
 
-def test_auto_impl_uses_decode_for_small_batches(rng_seed):
-  assert resolve_impl("auto", 1, 2, 8) == "decode"
-  assert resolve_impl("auto", 4, 2, 8) == "dropless"
-  assert resolve_impl("capacity", 1, 2, 8) == "capacity"
+def test_auto_dispatch_uses_decode_for_small_batches(rng_seed):
+  assert resolve_dispatch("auto", 1, 2, 8) == "decode"
+  assert resolve_dispatch("auto", 4, 2, 8) == "dropless"
+  assert resolve_dispatch("capacity", 1, 2, 8) == "capacity"
   rng = np.random.default_rng(rng_seed)
   x = jnp.asarray(rng.standard_normal((1, 1, D)).astype(np.float32))
-  auto, dropless = build(num_experts=8, impl="auto"), build(num_experts=8,
-                                                            impl="dropless")
+  auto, dropless = build(num_experts=8, dispatch="auto"), build(num_experts=8,
+                                                                dispatch="dropless")
   params = random_params(jax.eval_shape(auto.init, jax.random.key(0), x)["params"], rng)
   variables = {"params": params, "moe_state": {"bias": jnp.zeros(8)}}
   np.testing.assert_allclose(jax.jit(auto.apply)(variables, x),
@@ -129,11 +129,34 @@ def test_auto_impl_uses_decode_for_small_batches(rng_seed):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dispatch", ["auto", "dropless", "capacity"])
+def test_no_tokens_give_empty_output_and_finite_losses(rng_seed, dispatch):
+  ffn = build(num_experts=4, top_k=2, num_shared=1, dispatch=dispatch)
+  rng = np.random.default_rng(rng_seed)
+  x1 = jnp.zeros((1, 1, D))
+  params = random_params(jax.eval_shape(ffn.init, jax.random.key(0), x1)["params"], rng)
+  x = jnp.zeros((2, 0, D))
+
+  def loss(params, x):
+    y, sown = ffn.apply({"params": params, "moe_state": {"bias": jnp.zeros(4)}}, x,
+                        mutable=["aux_loss", "metrics"])
+    aux = sum(v[0] for v in sown["aux_loss"].values())
+    return jnp.sum(y) + aux, (y, sown["metrics"])
+
+  (value, (y, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      params, x)
+  assert y.shape == (2, 0, D) and float(value) == 0.0
+  assert all(np.isfinite(float(v[0])) for v in metrics.values())
+  for g in jax.tree.leaves(grads):
+    np.testing.assert_array_equal(g, np.zeros(g.shape))
+
+
 @pytest.mark.parametrize("options, field", [
     (dict(top_k=9), "top_k"),
     (dict(num_experts=0), "num_experts"),
     (dict(scoring="tanh"), "scoring"),
-    (dict(impl="megablox"), "impl"),
+    (dict(dispatch="megablox"), "dispatch"),
+    (dict(impl="dropless"), "impl"),             # the old name of `dispatch`
     (dict(activation="gelu"), "activation"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(bias_update_rate=-1e-3), "bias_update_rate"),

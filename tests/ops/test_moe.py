@@ -1,5 +1,6 @@
 """MoE ops vs NumPy references (routers, losses, capacity rule, Hugging Face Mixtral
-semantics) and agreement of the loop / dropless / capacity / decode dispatches."""
+semantics), agreement of the loop / dropless / capacity / decode dispatches, the
+invalid-expert-id rule and empty inputs."""
 
 import functools
 import math
@@ -8,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from jax.experimental import checkify
 
 from sparsejax.ops import moe
 
@@ -119,25 +122,25 @@ def test_update_bias_sign_rule(rng_seed):
                              rtol=1e-6)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "k", "capacity_factor"))
-def _run(impl, x, logits, wg, wu, wd, k=2, capacity_factor=100.0):
+@functools.partial(jax.jit, static_argnames=("dispatch", "k", "capacity_factor"))
+def _run(dispatch, x, logits, wg, wu, wd, k=2, capacity_factor=100.0):
   w, idx, _ = moe.route(logits, k)
-  return moe.moe_ffn(x, w, idx, wg, wu, wd, activation="silu", impl=impl,
+  return moe.moe_ffn(x, w, idx, wg, wu, wd, activation="silu", dispatch=dispatch,
                      capacity_factor=capacity_factor)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "k"))
-def _value_and_grads(impl, args, cot, k):
+@functools.partial(jax.jit, static_argnames=("dispatch", "k"))
+def _value_and_grads(dispatch, args, cot, k):
   """(y, grads w.r.t. x, logits, w_gate, w_up, w_down) of <y, cot>."""
   def f(args):
-    y, dropped = _run(impl, *args, k=k)
+    y, dropped = _run(dispatch, *args, k=k)
     return jnp.sum(y * cot), (y, dropped)
   (_, (y, dropped)), grads = jax.value_and_grad(f, has_aux=True)(args)
   return y, dropped, grads
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_dispatch_impls_agree_forward_and_grads(rng_seed, k):
+def test_dispatches_agree_forward_and_grads(rng_seed, k):
   args = inputs(rng_seed)
   x, logits, wg, wu, wd = args
   # Reference by hand: y_t = Σ_j w_tj · expert_{e_tj}(x_t).
@@ -148,36 +151,38 @@ def test_dispatch_impls_agree_forward_and_grads(rng_seed, k):
   rng = np.random.default_rng(rng_seed + 7)
   cot = jnp.asarray(rng.standard_normal((T, D)).astype(np.float32))
   results = {}
-  for impl in moe.IMPLS:
-    y, dropped, results[impl] = _value_and_grads(impl, args, cot, k)
+  for dispatch in moe.DISPATCHES:
+    y, dropped, results[dispatch] = _value_and_grads(dispatch, args, cot, k)
     assert y.shape == (T, D) and y.dtype == jnp.float32 and float(dropped) == 0.0
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=impl)
-  for impl in moe.IMPLS:
-    for name, a, b in zip(("x", "logits", "w_gate", "w_up", "w_down"), results[impl],
-                          results["loop"]):
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=dispatch)
+  for dispatch in moe.DISPATCHES:
+    for name, a, b in zip(("x", "logits", "w_gate", "w_up", "w_down"),
+                          results[dispatch], results["loop"]):
       assert np.abs(np.asarray(b)).max() > 0, name
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{impl} {name}")
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{dispatch} {name}")
 
 
 def test_non_gated_experts_agree(rng_seed):
   x, logits, _, wu, wd = inputs(rng_seed)
   w, idx, _ = moe.route(logits, 2)
-  run = jax.jit(moe.moe_ffn, static_argnames=("activation", "impl", "capacity_factor"))
-  ys = {impl: run(x, w, idx, None, wu, wd, activation="relu2", impl=impl,
-                  capacity_factor=100.0)[0] for impl in moe.IMPLS}
+  run = jax.jit(moe.moe_ffn,
+                static_argnames=("activation", "dispatch", "capacity_factor"))
+  ys = {dispatch: run(x, w, idx, None, wu, wd, activation="relu2", dispatch=dispatch,
+                      capacity_factor=100.0)[0] for dispatch in moe.DISPATCHES}
   x64, wu64, wd64 = f64(x, wu, wd)
   w64, idx64 = np.asarray(w, np.float64), np.asarray(idx)
   ref = np.stack([sum(w64[t, j] * (np.maximum(x64[t] @ wu64[idx64[t, j]], 0) ** 2)
                       @ wd64[idx64[t, j]] for j in range(2)) for t in range(T)])
-  for impl, y in ys.items():
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=impl)
+  for dispatch, y in ys.items():
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=dispatch)
 
 
 def test_decode_path_matches_at_batch_one(rng_seed):
   x, logits, wg, wu, wd = inputs(rng_seed, t=1, e=16)
   w, idx, _ = moe.route(logits, 2)
   np.testing.assert_allclose(jax.jit(moe.moe_decode)(x, w, idx, wg, wu, wd),
-                             moe.moe_ffn(x, w, idx, wg, wu, wd, impl="dropless")[0],
+                             moe.moe_ffn(x, w, idx, wg, wu, wd, dispatch="dropless")[0],
                              rtol=1e-5, atol=1e-6)
 
 
@@ -239,9 +244,9 @@ def test_matches_hugging_face_mixtral_semantics(rng_seed):
   # --- ours ---
   logits = jnp.asarray(router_logits.astype(np.float32))
   w, idx, scores = moe.route(logits, k)
-  for impl in ("loop", "dropless"):  # the others agree with these (test above)
-    y, _ = _run(impl, x, logits, wg, wu, wd, k=k)
-    np.testing.assert_allclose(y, final, rtol=1e-4, atol=1e-4, err_msg=impl)
+  for dispatch in ("loop", "dropless"):  # the others agree with these (test above)
+    y, _ = _run(dispatch, x, logits, wg, wu, wd, k=k)
+    np.testing.assert_allclose(y, final, rtol=1e-4, atol=1e-4, err_msg=dispatch)
   np.testing.assert_allclose(k * moe.switch_aux_loss(scores, idx, E), hf_loss, rtol=1e-5)
 
 
@@ -252,7 +257,128 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="scoring"):
     moe.route(logits, 2, scoring="tanh")
   w, idx, _ = moe.route(logits, 2)
-  with pytest.raises(ValueError, match="impl"):
-    moe.moe_ffn(x, w, idx, wg, wu, wd, impl="fast")
+  with pytest.raises(ValueError, match=r"dispatch='fast' must be one of \('loop'"):
+    moe.moe_ffn(x, w, idx, wg, wu, wd, dispatch="fast")
   with pytest.raises(ValueError, match="w_down"):
-    moe.moe_ffn(x, w, idx, wg, wu, wu, impl="loop")
+    moe.moe_ffn(x, w, idx, wg, wu, wu, dispatch="loop")
+  with pytest.raises(ValueError, match="capacity_factor=0"):
+    moe.moe_ffn(x, w, idx, wg, wu, wd, dispatch="capacity", capacity_factor=0)
+  with pytest.raises(TypeError, match="experts must be an integer array"):
+    moe.moe_ffn(x, w, idx.astype(jnp.float32), wg, wu, wd)
+
+
+# ------------------------------------------------------------- invalid ids, empty inputs
+
+BAD_IDS = (-1, E, E + 3, -E)
+
+
+def corrupt(idx, seed, frac=0.3):
+  """(ids with a random `frac` of the pairs set to invalid values, bool mask of them)."""
+  rng = np.random.default_rng(seed)
+  bad = rng.random(idx.shape) < frac
+  bad[0, 0] = True                                         # at least one
+  ids = np.where(bad, rng.choice(BAD_IDS, idx.shape), np.asarray(idx))
+  return jnp.asarray(ids, jnp.int32), bad
+
+
+def np_moe(x, w, idx, use):
+  """y_t = Σ_j [use_tj] w_tj · expert_{idx_tj}(x_t) in float64 (gated SwiGLU)."""
+  x64, wg64, wu64, wd64 = x
+  out = np.zeros((x64.shape[0], wd64.shape[-1]))
+  for t, j in zip(*np.nonzero(use)):
+    out[t] += w[t, j] * np_expert(x64[t], wg64, wu64, wd64, idx[t, j])
+  return out
+
+
+@pytest.mark.parametrize("dispatch", moe.DISPATCHES)
+def test_invalid_expert_ids_contribute_exactly_zero(rng_seed, dispatch):
+  """Ids -1, -E, E, E+3: y equals the NumPy sum over the valid pairs only; the grads
+  equal those of the same call with weight 0 on those pairs (ids made valid), and the
+  invalid pairs' weights get exactly zero gradient."""
+  x, logits, wg, wu, wd = inputs(rng_seed)
+  k = 3
+  w, idx, _ = moe.route(logits, k)
+  ids, bad = corrupt(idx, rng_seed)
+  ref = np_moe(f64(x, wg, wu, wd), np.asarray(w, np.float64), np.asarray(idx), ~bad)
+  run = jax.jit(lambda x, w, ids, wg, wu, wd: moe.moe_ffn(
+      x, w, ids, wg, wu, wd, dispatch=dispatch, capacity_factor=100.0))
+  y, dropped = run(x, w, ids, wg, wu, wd)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+  assert float(dropped) == 0.0
+  cot = jnp.asarray(np.random.default_rng(rng_seed + 1).standard_normal((T, D)),
+                    jnp.float32)
+  loss = lambda *a: jnp.sum(run(*a)[0] * cot)
+  grads = jax.grad(loss, (0, 1, 3, 4, 5))(x, w, ids, wg, wu, wd)
+  w0, ids0 = jnp.where(bad, 0.0, w), jnp.where(bad, 0, ids)
+  grads0 = jax.grad(loss, (0, 1, 3, 4, 5))(x, w0, ids0, wg, wu, wd)
+  np.testing.assert_array_equal(np.asarray(grads[1])[bad], 0.0)
+  for name, g, g0 in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, grads0):
+    if name == "weights":
+      g, g0 = np.asarray(g)[~bad], np.asarray(g0)[~bad]
+    assert np.abs(np.asarray(g0)).max() > 0, name
+    np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_invalid_ids_take_no_capacity_and_are_not_dropped(rng_seed):
+  x, logits, wg, wu, wd = inputs(rng_seed)
+  k, cf = 2, 0.5
+  c = moe.capacity(T, k, E, cf)
+  w, idx, _ = moe.route(logits, k)
+  ids, bad = corrupt(idx, rng_seed, frac=0.25)
+  ids_np = np.asarray(ids)
+  count, keep = np.zeros(E, int), np.zeros((T, k), bool)
+  for j in range(k):                                       # slot-major GShard rule
+    for t in range(T):
+      if not bad[t, j]:
+        keep[t, j] = count[ids_np[t, j]] < c
+        count[ids_np[t, j]] += 1
+  dropped_ref = np.sum(~bad & ~keep) / (T * k)
+  assert dropped_ref > 0
+  ref = np_moe(f64(x, wg, wu, wd), np.asarray(w, np.float64), ids_np, keep)
+  y, dropped = jax.jit(lambda *a: moe.moe_ffn(*a, dispatch="capacity",
+                                              capacity_factor=cf))(x, w, ids, wg, wu, wd)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dropped, dropped_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", moe.DISPATCHES)
+def test_check_indices_reports_invalid_ids_through_checkify(rng_seed, dispatch):
+  x, logits, wg, wu, wd = inputs(rng_seed)
+  w, idx, _ = moe.route(logits, 2)
+  f = checkify.checkify(jax.jit(lambda ids: moe.moe_ffn(
+      x, w, ids, wg, wu, wd, dispatch=dispatch, check_indices=True)[0]))
+  err, y = f(idx)
+  assert err.get() is None
+  np.testing.assert_allclose(y, moe.moe_ffn(x, w, idx, wg, wu, wd, dispatch=dispatch)[0],
+                             rtol=1e-4, atol=1e-5)
+  for bad in (-1, E):
+    err, _ = f(idx.at[3, 1].set(bad))
+    assert f"experts must be expert ids in [0, {E}), got {bad}" in err.get()
+
+
+@pytest.mark.parametrize("dispatch", moe.DISPATCHES)
+@pytest.mark.parametrize("t, k", [(0, 2), (4, 0)], ids=["no_tokens", "no_slots"])
+def test_empty_tokens_or_slots_give_zeros_forward_and_backward(rng_seed, dispatch, t, k):
+  x, logits, wg, wu, wd = inputs(rng_seed, t=t)
+  w = jnp.ones((t, k), jnp.float32)
+  ids = jnp.zeros((t, k), jnp.int32)
+  f = jax.jit(lambda x, w, wg: jnp.sum(moe.moe_ffn(x, w, ids, wg, wu, wd,
+                                                   dispatch=dispatch)[0]))
+  y, dropped = moe.moe_ffn(x, w, ids, wg, wu, wd, dispatch=dispatch)
+  assert y.shape == (t, D) and float(dropped) == 0.0
+  np.testing.assert_array_equal(y, np.zeros((t, D)))
+  gx, gw, gwg = jax.grad(f, (0, 1, 2))(x, w, wg)
+  assert gx.shape == (t, D) and gw.shape == (t, k) and gwg.shape == wg.shape
+  np.testing.assert_array_equal(gwg, np.zeros(wg.shape))
+
+
+def test_route_and_losses_with_no_tokens():
+  logits = jnp.zeros((0, E))
+  w, idx, s = moe.route(logits, 2)
+  assert w.shape == idx.shape == (0, 2) and s.shape == (0, E)
+  np.testing.assert_array_equal(moe.expert_load(idx, E), np.zeros(E))
+  assert float(moe.switch_aux_loss(s, idx, E)) == 0.0
+  assert float(moe.router_z_loss(logits)) == 0.0
+  g = jax.grad(lambda z: moe.router_z_loss(z) + moe.switch_aux_loss(
+      moe.route(z, 2)[2], idx, E))(logits)
+  assert g.shape == (0, E)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config_dict
@@ -34,13 +35,13 @@ def inputs(seed, gated=True):
 
 
 def per_block_capacity(x, weights, experts, w_gate, w_up, w_down, cf):
-  """Unsharded `moe_ffn(impl="capacity")` applied to each device's token block."""
+  """Unsharded `moe_ffn(dispatch="capacity")` applied to each device's token block."""
   b = T // N_BLOCKS
   ys, drops = [], []
   for i in range(N_BLOCKS):
     s = slice(i * b, (i + 1) * b)
     y, d = moe_ops.moe_ffn(x[s], weights[s], experts[s], w_gate, w_up, w_down,
-                           impl="capacity", capacity_factor=cf)
+                           dispatch="capacity", capacity_factor=cf)
     ys.append(y)
     drops.append(d)
   return jnp.concatenate(ys), jnp.mean(jnp.stack(drops))
@@ -93,14 +94,63 @@ def test_ep_equals_per_device_capacity_and_grads(rng_seed, mesh_cfg, cf, gated):
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
   if cf >= 4:  # nothing dropped: also equals the dropless dispatch
-    y_dl, _ = moe_ops.moe_ffn(x, weights, experts, wg, wu, wd, impl="dropless")
+    y_dl, _ = moe_ops.moe_ffn(x, weights, experts, wg, wu, wd, dispatch="dropless")
     np.testing.assert_allclose(y, y_dl, rtol=1e-5, atol=1e-6)
     grads_dl = jax.grad(loss(lambda *a: moe_ops.moe_ffn(
-        a[0], weights, experts, *a[1:], impl="dropless")), argnums)(x, wg, wu, wd)
+        a[0], weights, experts, *a[1:], dispatch="dropless")), argnums)(x, wg, wu, wd)
     for g, g_dl in zip(grads, grads_dl):
       np.testing.assert_allclose(g, g_dl, rtol=1e-4, atol=1e-5)
   hlo = ep_jit.lower(x, swg, swu, swd).compile().as_text()
   assert "all-to-all" in hlo
+
+
+def test_ep_invalid_expert_ids_contribute_exactly_zero(rng_seed):
+  """Ids -1 and E (out of [0, E)): the sharded result and grads equal the dropless
+  dispatch with those pairs' weights set to 0 (capacity 4: nothing dropped); the
+  invalid pairs' weights get zero gradient; check_indices reports them."""
+  mesh = make_mesh(MeshConfig(data=2, expert=4))
+  x, weights, experts, (wg, wu, wd) = inputs(rng_seed)
+  bad = np.random.default_rng(rng_seed).random(experts.shape) < 0.3
+  bad[0, 0] = True
+  ids = jnp.where(bad, jnp.where(jnp.arange(T)[:, None] % 2 == 0, -1, E), experts)
+  cot = jnp.asarray(np.random.default_rng(rng_seed + 1).standard_normal((T, D)),
+                    jnp.float32)
+
+  def ep(x, w, wg, wu, wd):
+    return jnp.sum(cot * moe_ffn_expert_parallel(x, w, ids, wg, wu, wd, mesh=mesh,
+                                                 capacity_factor=4.0)[0])
+
+  def ref(x, w, wg, wu, wd):
+    return jnp.sum(cot * moe_ops.moe_ffn(x, jnp.where(bad, 0.0, w),
+                                         jnp.where(bad, 0, ids), wg, wu, wd,
+                                         dispatch="dropless")[0])
+
+  args = (x, weights, wg, wu, wd)
+  (l_ep, g_ep), (l_ref, g_ref) = (jax.jit(jax.value_and_grad(f, range(5)))(*args)
+                                  for f in (ep, ref))
+  np.testing.assert_allclose(l_ep, l_ref, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(g_ep[1])[bad], 0.0)
+  for i, (g, g0) in enumerate(zip(g_ep, g_ref)):
+    g, g0 = (np.asarray(g)[~bad], np.asarray(g0)[~bad]) if i == 1 else (g, g0)
+    np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5)
+  _, dropped = moe_ffn_expert_parallel(x, weights, ids, wg, wu, wd, mesh=mesh,
+                                       capacity_factor=4.0)
+  assert float(dropped) == 0.0
+  check = checkify.checkify(jax.jit(lambda e: moe_ffn_expert_parallel(
+      x, weights, e, wg, wu, wd, mesh=mesh, check_indices=True)[0]))
+  assert check(experts)[0].get() is None
+  assert f"experts must be expert ids in [0, {E}), got -1" in check(ids)[0].get()
+
+
+def test_ep_with_no_tokens_gives_empty_output():
+  mesh = make_mesh(MeshConfig(data=2, expert=4))
+  _, _, _, (wg, wu, wd) = inputs(0)
+  x, w, e = jnp.zeros((0, D)), jnp.zeros((0, K)), jnp.zeros((0, K), jnp.int32)
+  y, dropped = moe_ffn_expert_parallel(x, w, e, wg, wu, wd, mesh=mesh)
+  assert y.shape == (0, D) and float(dropped) == 0.0
+  g = jax.grad(lambda wu: jnp.sum(moe_ffn_expert_parallel(x, w, e, wg, wu, wd,
+                                                          mesh=mesh)[0]))(wu)
+  np.testing.assert_array_equal(g, np.zeros(wu.shape))
 
 
 def test_ep_validates_divisibility():
@@ -114,16 +164,16 @@ def test_ep_validates_divisibility():
     moe_ffn_expert_parallel(x, weights, experts, wg, wu, wd)
 
 
-def test_expert_parallel_option_requires_capacity_impl():
+def test_expert_parallel_option_requires_capacity_dispatch():
   with pytest.raises(ConfigError, match=r"config\.model\.ffn_options\.expert_parallel"):
     parse_config(tiny_config_dict(model=dict(
-        ffn="moe", ffn_options=dict(expert_parallel=True, impl="dropless"))))
+        ffn="moe", ffn_options=dict(expert_parallel=True, dispatch="dropless"))))
 
 
 def test_expert_parallel_mesh_needs_an_expert_axis_above_one():
   assert expert_parallel_mesh() is None                       # no mesh set
   with jax.set_mesh(make_mesh(MeshConfig(data=-1))):
-    assert expert_parallel_mesh() is None                     # expert = 1: local impl
+    assert expert_parallel_mesh() is None                     # expert = 1: local
   with jax.set_mesh(make_mesh(MeshConfig(data=-1, expert=4))):
     assert expert_parallel_mesh().shape["expert"] == 4
     assert expert_parallel_mesh(num_tokens=16, num_experts=8).shape["expert"] == 4
@@ -133,7 +183,8 @@ def test_expert_parallel_mesh_needs_an_expert_axis_above_one():
 
 def test_layer_expert_parallel_loss_and_grads_equal_local(monkeypatch):
   """Trainer.loss with expert_parallel on mesh (data=2, expert=4) equals the local
-  capacity impl on the same params (capacity_factor 4: nothing dropped either way)."""
+  capacity dispatch on the same params (capacity_factor 4: nothing dropped either
+  way)."""
   calls = []
   original = moe_ep.moe_ffn_expert_parallel
 
@@ -144,7 +195,7 @@ def test_layer_expert_parallel_loss_and_grads_equal_local(monkeypatch):
   monkeypatch.setattr(moe_ep, "moe_ffn_expert_parallel", counting)
 
   def trainer(expert_parallel):
-    options = dict(num_experts=4, top_k=2, impl="capacity", capacity_factor=4.0,
+    options = dict(num_experts=4, top_k=2, dispatch="capacity", capacity_factor=4.0,
                    expert_parallel=expert_parallel)
     config = parse_config(tiny_config_dict(
         model=dict(num_layers=1, ffn="moe", ffn_options=options),
@@ -166,7 +217,7 @@ def test_layer_expert_parallel_loss_and_grads_equal_local(monkeypatch):
       (loss, (ce, aux, _, metrics)), grads = fn(*args)
     results[name] = (loss, ce, aux, grads, metrics)
     assert bool(calls) == (name == "ep") and set(calls) <= {4}
-    if name == "ep":  # (XLA may also pick all-to-alls for the local impl's resharding)
+    if name == "ep":  # (XLA may also pick all-to-alls for the local resharding)
       assert "all-to-all" in fn.as_text()
   (l_ep, ce_ep, aux_ep, g_ep, m_ep), (l_lo, ce_lo, aux_lo, g_lo, m_lo) = (
       results["ep"], results["local"])
