@@ -102,7 +102,7 @@ def cache_dir() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "sparsejax"))
 
 
-def _source_files(path: str) -> list[tuple[str, str]]:
+def source_files(path: str) -> list[tuple[str, str]]:
   """(relpath, abspath) of the files of a text source, selected like the byte pipeline."""
   from sparsejax.train import data
   if path == "":
@@ -112,22 +112,29 @@ def _source_files(path: str) -> list[tuple[str, str]]:
   return data._walk(path, lambda parts: not parts[-1].startswith("."))
 
 
+def read_documents(path: str) -> list[tuple[str, bytes]]:
+  """(relpath, bytes) of the usable (non-empty, NUL-free) files of a text source."""
+  from sparsejax.train import data
+  texts = data._read_texts(source_files(path))
+  if not texts:
+    raise data._error(path, "has no usable text (non-empty files without NUL bytes)")
+  return texts
+
+
 def is_text_source(path: str) -> bool:
   """False for pre-tokenized sources (a `.npy` file or a directory holding any)."""
   if path == "" or not os.path.exists(path):
     return path == ""
   if os.path.isfile(path):
     return not path.endswith(".npy")
-  return not any(r.endswith(".npy") for r, _ in _source_files(path))
+  return not any(r.endswith(".npy") for r, _ in source_files(path))
 
 
 def _documents(path: str, split: str, val_fraction: float) -> tuple[list[bytes], bool]:
   """(documents of `split`, whether the tokens are still to be tail-split): the byte
   pipeline's train/val split (by file hash; a single file by its tail)."""
   from sparsejax.train import data
-  texts = data._read_texts(_source_files(path))
-  if not texts:
-    raise data._error(path, "has no usable text (non-empty files without NUL bytes)")
+  texts = read_documents(path)
   if len(texts) == 1:
     return [texts[0][1]], True
   return [d for r, d in texts if data._is_val(r, val_fraction) == (split == "val")], False
@@ -138,7 +145,7 @@ def _cache_key(spec: str, path: str, split: str, val_fraction: float) -> str:
   with open(spec, "rb") as f:
     h.update(f.read())
   h.update(json.dumps([os.path.abspath(path), split, val_fraction]).encode())
-  for rel, full in _source_files(path):
+  for rel, full in source_files(path):
     stat = os.stat(full)
     h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
   return h.hexdigest()[:32]
