@@ -14,6 +14,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("tpu", "gpu")
+# Scalar-prefetch budget per pallas_call: TPU SMEM is ~1 MiB per core (v4/v5e/v5p/v6e)
+# and Mosaic keeps its own scalars there too, so kernels split their tables (grid
+# chunks, one call per chunk inside `map_chunks`) to stay below a quarter of it.
+SMEM_TABLE_BYTES = 256 * 1024
 # Finite "minus infinity" for masked scores: exp(MASK_VALUE - m) underflows to 0 without
 # the inf - inf = NaN of a fully masked row (as sparsejax.ops.sparse_attention's).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -47,3 +51,23 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
   """a @ bᵀ with float32 accumulation (HIGHEST precision), no explicit transpose."""
   return lax.dot_general(a, b, _NT, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
+def match_vma(*xs):
+  """xs, each marked varying (`lax.pcast`) over every mesh axis any of them varies over
+  inside a `jax.shard_map`: a custom_vjp's cotangents must have its inputs' types, so
+  an input replicated over the axes its partners vary over (a table shared by sharded
+  tokens) is marked varying before it, and its pcast's transpose sums the gradient."""
+  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in xs))
+  return tuple(x if varying <= jax.typeof(x).mat.varying else
+               lax.pcast(x, tuple(sorted(varying - jax.typeof(x).mat.varying)),
+                         to="varying") for x in xs)
+
+
+def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+  """A pallas_call `out_shape` that varies over every mesh axis any of `operands` does:
+  inside a `jax.shard_map` with check_vma=True a kernel output must state it (outside
+  one the set is empty and ignored)."""
+  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.sharding.ManualAxisType(varying=varying))

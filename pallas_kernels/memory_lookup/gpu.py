@@ -26,7 +26,9 @@ Roofline (b(·) = bytes per element; FLOPs negligible, HBM bound):
   d_values   L·K·v·b(dY) + N·v·b(V) + L·K·(4 + 4) + N·4 (+ the XLA sort of L·K int32)
   d_weights  L·K·v·(b(V) + b(dY)) + L·K·(4 + 4 + 4)   (dY rows re-read once per lookup)
 Rows of ≥ 512 B are needed to approach HBM bandwidth (one row chunk per load).
-Out-of-range indices are clamped to [0, N) by the wrapper (as XLA's `mode="clip"`).
+Invalid lookups (index outside [0, N) or group outside [0, G)) contribute exactly
+zero and get zero gradients (`rule.mask_lookups`: row 0 with weight 0 in the gathers,
+d_weights masked, left out of the d_values CSR).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import triton_params
+from pallas_kernels._common import out_struct, triton_params
+from pallas_kernels.memory_lookup.rule import mask_lookups
 
 MAX_BLOCK_V = 512          # default column chunk (elements)
 ACC_ELEMENTS = 8192        # bound on the forward's f32 [Gp, BV] accumulator
@@ -81,12 +84,13 @@ def lookup_fwd_gpu(values, indices, weights, groups, num_groups: int, *,
   l, k = indices.shape
   out_dtype = jnp.result_type(values.dtype, weights.dtype)
   bv = block_v(v, num_groups, block)
-  idx = jnp.clip(indices.astype(jnp.int32), 0, n - 1)
+  idx, weights, groups, _ = mask_lookups(indices, weights, groups, n, num_groups)
+  weights = weights.astype(jnp.float32)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, k=k, v=v, num_groups=num_groups,
                         gp=pl.next_power_of_2(num_groups), bv=bv),
       grid=(l, pl.cdiv(v, bv)),
-      out_shape=jax.ShapeDtypeStruct((l, num_groups, v), out_dtype),
+      out_shape=out_struct((l, num_groups, v), out_dtype, idx, weights, groups, values),
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * l * k * num_groups * v, transcendentals=0,
@@ -95,7 +99,7 @@ def lookup_fwd_gpu(values, indices, weights, groups, num_groups: int, *,
           + l * k * (8 + weights.dtype.itemsize)),
       interpret=interpret,
       name="memory_lookup_fwd_gpu",
-  )(idx, weights.astype(jnp.float32), groups.astype(jnp.int32), values)
+  )(idx, weights, groups, values)
 
 
 def _dv_kernel(off_ref, src_ref, w_ref, dy_ref, dv_ref, *, v, bv):
@@ -114,16 +118,17 @@ def _dv_kernel(off_ref, src_ref, w_ref, dy_ref, dv_ref, *, v, bv):
 def lookup_dvalues_gpu(values, indices, weights, groups, d_out, *,
                        interpret: bool = False, num_warps: int = 4,
                        block: int | None = None):
-  """d_values [N, v] (values' dtype) = Σ_{(l,k): idx=n} w[l,k] · d_out[l, groups[l,k]]."""
+  """d_values [N, v] (values' dtype) = Σ_{valid (l,k): idx=n} w[l,k]·d_out[l, groups[l,k]]."""
   n, v = values.shape
   l, k = indices.shape
   num_groups = d_out.shape[1]
   bv = block_v(v, 1, block)
-  flat = jnp.clip(indices.astype(jnp.int32), 0, n - 1).reshape(-1)
+  idx, w, grp, valid = mask_lookups(indices, weights, groups, n, num_groups)
+  flat = jnp.where(valid, idx, n).reshape(-1)      # invalid: sorted past offsets[n]
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  src = (order // k) * num_groups + groups.reshape(-1).astype(jnp.int32)[order]
-  w = weights.reshape(-1).astype(jnp.float32)[order]
-  counts = jnp.zeros((n,), jnp.int32).at[flat].add(1)
+  src = (order // k) * num_groups + grp.reshape(-1)[order]
+  w = w.reshape(-1).astype(jnp.float32)[order]
+  counts = jnp.zeros((n,), jnp.int32).at[flat].add(1, mode="drop")
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
                              jnp.cumsum(counts, dtype=jnp.int32)])
   dy = d_out.reshape(l * num_groups, v)
@@ -131,7 +136,7 @@ def lookup_dvalues_gpu(values, indices, weights, groups, d_out, *,
   return pl.pallas_call(
       functools.partial(_dv_kernel, v=v, bv=bv),
       grid=(n, pl.cdiv(v, bv)),
-      out_shape=jax.ShapeDtypeStruct((n, v), values.dtype),
+      out_shape=out_struct((n, v), values.dtype, offsets, src, w, dy),
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * m * v, transcendentals=0,
@@ -166,17 +171,20 @@ def _dw_kernel(idx_ref, g_ref, v_ref, dy_ref, dw_ref, *, k, kp, v, bv, num_group
 
 def lookup_dweights_gpu(values, indices, groups, d_out, *, interpret: bool = False,
                         num_warps: int = 4, block: int | None = None):
-  """d_weights[l, k] = <d_out[l, groups[l, k]], values[indices[l, k]]> as f32 [L, K]."""
+  """d_weights[l, k] = <d_out[l, groups[l, k]], values[indices[l, k]]> as f32 [L, K]
+  (0 for invalid lookups)."""
   n, v = values.shape
   l, k = indices.shape
   num_groups = d_out.shape[1]
   bv = block_v(v, 1, block)
-  idx = jnp.clip(indices.astype(jnp.int32), 0, n - 1)
-  return pl.pallas_call(
+  idx, _, grp, valid = mask_lookups(indices, jnp.zeros(indices.shape, jnp.float32),
+                                    groups, n, num_groups)
+  dy = d_out.reshape(l * num_groups, v)
+  dw = pl.pallas_call(
       functools.partial(_dw_kernel, k=k, kp=pl.next_power_of_2(k), v=v, bv=bv,
                         num_groups=num_groups),
       grid=(l,),
-      out_shape=jax.ShapeDtypeStruct((l, k), jnp.float32),
+      out_shape=out_struct((l, k), jnp.float32, idx, grp, values, dy),
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * l * k * v, transcendentals=0,
@@ -184,7 +192,8 @@ def lookup_dweights_gpu(values, indices, groups, d_out, *, interpret: bool = Fal
           + l * k * 12),
       interpret=interpret,
       name="memory_lookup_dweights_gpu",
-  )(idx, groups.astype(jnp.int32), values, d_out.reshape(l * num_groups, v))
+  )(idx, grp, values, dy)
+  return jnp.where(valid, dw, 0.0)
 
 
 __all__ = ["lookup_fwd_gpu", "lookup_dvalues_gpu", "lookup_dweights_gpu", "block_v"]

@@ -7,14 +7,24 @@
 Both read the normalized FFN input x [B, T, D] of block s and return [B, T, D], added to
 the residual after block t (`DecoderLM`). The module of placement i is "memory_i".
 
-PKM (Lample et al. 2019; `ProductKeyMemory`): per-head query W_q x → halves, LayerNorm;
+PKM (Lample et al. 2019; `ProductKeyMemory`): per-head query W_q x → halves, Norm;
 top-k product-key retrieval with softmax weights (`ops.product_keys.pkm_retrieve`);
 y = Σ_heads Σ_k w·V[slot], values [N = num_keys², D]. Init as UltraMem's "improved PKM"
 (LN gains 1/kdim^0.33, W_q and keys ~ N(0, 1/√kdim), values ~ N(0, 0.02)). Lample's
 values ~ N(0, 1/√D) give outputs larger than our residual stream at init (embeddings
 ~ N(0, 0.02)) and trained 0.4 nats/byte worse than dense in `make compare`.
 
-UltraMem V1 (`UltraMemLayer`, specs/ultramem.md): one query shared by the heads,
+Query/key norm (`qk_norm`, both layers): "rmsnorm" (default) as the released UltraMem
+training config (OLMo-style model config `layer_norm_type: rms`, affine gain, no bias,
+eps 1e-5; the paper's text says LayerNorm), or "layernorm" (scale-only LayerNorm over
+kdim, mean removed). Either way the gains start at 1/kdim^0.33.
+
+Sharding: the lookup goes through `ops.memory_sharded.memory_lookup_sharded` with
+mode=`shard_values`; with "none" and a kernel impl on a multi-device mesh it runs in a
+`jax.shard_map` (tokens split over the batch axes, table replicated), because a Pallas
+call cannot be partitioned by XLA.
+
+UltraMem V1 (`UltraMemLayer`, Huang et al. 2025): one query shared by the heads,
 TDQKR retrieval with Tucker rank r and C cores (`ops.product_keys.tdqkr_retrieve`),
 IVE with E virtual blocks through a fixed seeded permutation, multi-core scoring of C
 value chunks, y = W_o·concat_e(o_e). The ablation ladder is options: tucker_cores=1
@@ -48,13 +58,13 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.layers import registry
-from sparsejax.ops import memory as memory_ops
 from sparsejax.ops import memory_sharded
 from sparsejax.ops import product_keys
 from sparsejax.ops.dispatch import IMPLS
 from sparsejax.validation import check, check_choice
 
 SHARD_MODES = ("none", "rows", "columns")
+QK_NORMS = ("layernorm", "rmsnorm")
 VALUES_PATTERN = r"(^|/)memory_\d+/values$"
 
 
@@ -69,6 +79,8 @@ class _CommonOptions:
   value_lr_decay_fraction: float = 0.5  # ...to 1.0 at this fraction of the run
   impl: str = "auto"             # memory_lookup implementation (ops.dispatch.IMPLS)
   shard_values: str = "none"     # "rows" | "columns": shard the table over the mesh
+  qk_norm: str = "rmsnorm"       # query/key norm: "rmsnorm" (the released UltraMem
+                                 # config's) | "layernorm" (the paper's text)
 
   def resolved_kdim(self, d_model: int) -> int:
     return self.kdim or max(8, d_model // 4)
@@ -85,6 +97,7 @@ class _CommonOptions:
           self.value_lr_decay_fraction, "in (0, 1]")
     check_choice(f"{prefix}.impl", self.impl, IMPLS)
     check_choice(f"{prefix}.shard_values", self.shard_values, SHARD_MODES)
+    check_choice(f"{prefix}.qk_norm", self.qk_norm, QK_NORMS)
 
   def lr_multipliers(self, num_steps: int) -> dict:
     """{values regex: step -> 1 + (start − 1)·max(0, 1 − step/T)}, T = fraction·steps."""
@@ -146,14 +159,13 @@ def _normal(std: float, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-def _layer_norm(x: jax.Array, gain: jax.Array, axis: int = -1) -> jax.Array:
-  """Scale-only LayerNorm over `axis` in f32 (gain broadcast along that axis)."""
+def _qk_norm(kind: str, x: jax.Array, gain: jax.Array) -> jax.Array:
+  """Scale-only norm over the last axis in f32: "layernorm" (x − mean)/√(var + ε)·g or
+  "rmsnorm" x/√(mean(x²) + ε)·g, ε = 1e-5."""
   x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=axis, keepdims=True)
-  var = jnp.var(x, axis=axis, keepdims=True)
-  shape = [1] * x.ndim
-  shape[axis] = -1
-  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * gain.reshape(shape)
+  if kind == "layernorm":
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-5) * gain
 
 
 def _values_axes(mode: str) -> tuple:
@@ -166,19 +178,19 @@ class _ProductKeyBase(nn.Module):
   cfg: object
   options: object
 
-  def _norm_gain(self, name: str, kdim: int) -> jax.Array:
+  def _norm(self, name: str, x: jax.Array) -> jax.Array:
+    """`qk_norm` over the last axis (kdim) with a learned gain "name" (1/kdim^0.33)."""
+    kdim = x.shape[-1]
     init = nn.initializers.constant(1.0 / kdim ** 0.33)
-    return self.param(name, nn.with_logical_partitioning(init, ("norm",)), (kdim,),
+    gain = self.param(name, nn.with_logical_partitioning(init, ("norm",)), (kdim,),
                       jnp.float32)
+    return _qk_norm(self.options.qk_norm, x, gain)
 
   def _lookup(self, values, indices, weights, groups=None, num_groups=None):
     opt = self.options
-    if opt.shard_values == "none":
-      return memory_ops.memory_lookup(values, indices, weights, groups=groups,
-                                      num_groups=num_groups, impl=opt.impl)
     return memory_sharded.memory_lookup_sharded(values, indices, weights, groups=groups,
-                                 num_groups=num_groups, mode=opt.shard_values,
-                                 impl=opt.impl)
+                                                num_groups=num_groups,
+                                                mode=opt.shard_values, impl=opt.impl)
 
 
 class ProductKeyMemory(_ProductKeyBase):
@@ -194,10 +206,10 @@ class ProductKeyMemory(_ProductKeyBase):
     w_q = self.param("query", _normal(kdim ** -0.5, ("embed", None)), (d, h * 2 * kdim),
                      cfg.param_dtype)
     q = jnp.einsum("td,de->te", xt, w_q.astype(cfg.dtype)).reshape(-1, h, 2, kdim)
-    q = _layer_norm(q, self._norm_gain("query_norm", kdim))
+    q = self._norm("query_norm", q)
     keys = self.param("keys", _normal(kdim ** -0.5, (None, None, None, None)),
                       (h, 2, n, kdim), jnp.float32)
-    keys = _layer_norm(keys, self._norm_gain("key_norm", kdim))
+    keys = self._norm("key_norm", keys)
     weights, slots = product_keys.pkm_retrieve(q[:, :, 0], q[:, :, 1], keys[:, 0],
                                                keys[:, 1], opt.knn)
     values = self.param("values", _normal(0.02, _values_axes(opt.shard_values)),
@@ -209,7 +221,7 @@ class ProductKeyMemory(_ProductKeyBase):
 
 
 class UltraMemLayer(_ProductKeyBase):
-  """UltraMem V1: x [B, T, D] -> [B, T, D] (TDQKR + IVE + MCS, specs/ultramem.md)."""
+  """UltraMem V1: x [B, T, D] -> [B, T, D] (TDQKR + IVE + MCS, Huang et al. 2025)."""
   options: UltraMemOptions = UltraMemOptions()
 
   @nn.compact
@@ -224,10 +236,10 @@ class UltraMemLayer(_ProductKeyBase):
     w_q = self.param("query", _normal(kdim ** -0.5, ("embed", None)), (d, 2 * kdim),
                      cfg.param_dtype)
     q = jnp.einsum("td,de->te", xt, w_q.astype(cfg.dtype)).reshape(-1, 2, kdim)
-    q = _layer_norm(q, self._norm_gain("query_norm", kdim))
+    q = self._norm("query_norm", q)
     keys = self.param("keys", _normal(kdim ** -0.5, (None,) * 5), (h, 2, n, r, kdim),
-                      jnp.float32)                 # spec's [H,2,n,kdim,r], kdim last
-    keys = _layer_norm(keys, self._norm_gain("key_norm", kdim))
+                      jnp.float32)                 # [H, 2, n, r, kdim], kdim last
+    keys = self._norm("key_norm", keys)
     cores = self.param("cores", nn.with_logical_partitioning(
         nn.initializers.uniform(1.0), (None,) * 4), (h, c, r, r), jnp.float32)
     u, v = self._rank_one(cores)

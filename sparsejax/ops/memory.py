@@ -15,7 +15,12 @@ Indices are not differentiable.
 
 Bytes per call (the roofline the kernels are measured against), L = lookups = Π(...)·K:
     forward  L·v·b(V) + (#rows of y)·G·v·b(y) + L·(4 + b(w) [+ 4 for groups]).
-Out-of-range indices are the caller's bug; they are clamped to [0, N) (every impl).
+
+Invalid lookups (the rule of every impl, XLA and kernels): an index outside [0, N)
+(negative = padding) or a group outside [0, G) contributes exactly zero to y, its
+weight gets zero gradient and it adds nothing to dV — never clamped, never wrapped.
+`check_indices=True` adds a `jax.experimental.checkify` check instead, reported by a
+`checkify.checkify` wrapper. No tokens, K = 0 or an empty table give zeros.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import functools
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from jax.experimental import checkify
 
 from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 
@@ -54,18 +61,38 @@ def _check(values, indices, weights, groups, num_groups) -> None:
     raise ValueError(f"num_groups={num_groups!r} must be a static int >= 1 with groups")
 
 
+def check_lookup_indices(indices, groups, num_rows: int, num_groups: int | None,
+                         op: str = "memory_lookup") -> None:
+  """`checkify.check`s that indices are in [0, num_rows) and groups in [0, num_groups)."""
+  for name, x, size, what in (("indices", indices, num_rows, "rows of values"),
+                              ("groups", groups, num_groups, "num_groups")):
+    if x is None or x.size == 0:
+      continue
+    checkify.check(jnp.all((x >= 0) & (x < size)),
+                   f"{op}: {name} must be in [0, {size}) ({what}); got min {{lo}}, "
+                   "max {hi}", lo=jnp.min(x), hi=jnp.max(x))
+
+
+def valid_lookups(indices, groups, num_rows: int, num_groups: int):
+  """bool [L, K]: the lookup reads a row in [0, num_rows) into a group in [0, G)."""
+  return ((indices >= 0) & (indices < num_rows) & (groups >= 0)
+          & (groups < num_groups))
+
+
 def lookup_reference(values, indices, weights, groups, num_groups: int):
   """XLA forward on flat inputs: [L, K] indices/weights/groups -> [L, G, v]."""
   out_dtype = jnp.result_type(values.dtype, weights.dtype)
-  rows = jnp.take(values, indices, axis=0, mode="clip")               # [L, K, v]
+  valid = valid_lookups(indices, groups, values.shape[0], num_groups)
+  rows = jnp.take(values, jnp.where(valid, indices, 0), axis=0)       # [L, K, v]
   onehot = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)      # [L, K, G]
-  scaled = weights.astype(jnp.float32)[..., None] * onehot
+  scaled = jnp.where(valid, weights.astype(jnp.float32), 0.0)[..., None] * onehot
   out = jnp.einsum("lkg,lkv->lgv", scaled, rows, preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
 
 
 def sorted_segment_rows(indices, contributions, num_rows: int):
-  """Deterministic Σ of `contributions[L, v]` into rows `indices[L]` -> [num_rows, v] f32.
+  """Deterministic Σ of `contributions[L, v]` into rows `indices[L]` -> [num_rows, v] f32
+  (indices in [num_rows, 2**31) are dropped).
 
   On CPU and TPU an XLA scatter-add applies its updates in a fixed order, so it is used
   as is. On GPU XLA's scatter-add uses float atomics (run-to-run nondeterministic), so
@@ -105,13 +132,17 @@ def _lookup_xla_fwd(values, indices, weights, groups, num_groups):
 
 @jax.jit  # the segmented scan is hundreds of small ops: never run them one by one
 def lookup_backward_reference(values, indices, weights, groups, d_out):
-  """(dV [N, v] in values' dtype, dw [L, K] in weights' dtype) for [L, G, v] d_out."""
-  flat_groups = groups.reshape(-1)
-  rows = jnp.take(values, indices, axis=0, mode="clip")               # [L, K, v]
-  dy = jnp.take_along_axis(d_out.astype(jnp.float32), groups[..., None], axis=1)
-  d_weights = jnp.einsum("lkv,lkv->lk", dy, rows.astype(jnp.float32))
-  contrib = weights.astype(jnp.float32).reshape(-1, 1) * dy.reshape(flat_groups.size, -1)
-  d_values = sorted_segment_rows(indices.reshape(-1), contrib, values.shape[0])
+  """(dV [N, v] in values' dtype, dw [L, K] in weights' dtype) for [L, G, v] d_out.
+  Invalid lookups get dw = 0 and add nothing to dV."""
+  n = values.shape[0]
+  valid = valid_lookups(indices, groups, n, d_out.shape[1])
+  rows = jnp.take(values, jnp.where(valid, indices, 0), axis=0)       # [L, K, v]
+  dy = jnp.take_along_axis(d_out.astype(jnp.float32),
+                           jnp.where(valid, groups, 0)[..., None], axis=1)
+  d_weights = jnp.where(valid, jnp.einsum("lkv,lkv->lk", dy, rows.astype(jnp.float32)),
+                        0.0)
+  contrib = weights.astype(jnp.float32).reshape(-1, 1) * dy.reshape(valid.size, -1)
+  d_values = sorted_segment_rows(jnp.where(valid, indices, n).reshape(-1), contrib, n)
   return d_values.astype(values.dtype), d_weights.astype(weights.dtype)
 
 
@@ -131,9 +162,21 @@ def _kernel_lookup(values, indices, weights, groups, num_groups: int, impl: str)
                               interpret=impl == "interpret", backend=kernel_platform())
 
 
+def resolve_lookup_impl(impl: str, values_shape, values_dtype, weights_dtype, k: int,
+                        num_groups: int) -> str:
+  """`resolve_impl` for a lookup into a [N, v] table (per device) with K lookups per
+  row into G groups: "auto" falls back to XLA where the kernel's constraints fail."""
+  unmet = None
+  if impl != "xla":
+    from pallas_kernels.memory_lookup import kernel_unmet  # lazy: kernels optional
+    unmet = kernel_unmet(values_shape, values_dtype, weights_dtype, k, num_groups,
+                         kernel_platform())
+  return resolve_impl(impl, op="memory_lookup", unmet=unmet)
+
+
 def memory_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
                   groups: jax.Array | None = None, num_groups: int | None = None,
-                  impl: str = "auto") -> jax.Array:
+                  impl: str = "auto", check_indices: bool = False) -> jax.Array:
   """Weighted sum of gathered value rows (see the module docstring).
 
   Args:
@@ -142,26 +185,34 @@ def memory_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
     weights: float [..., K].
     groups: optional int [..., K] in [0, num_groups): the output row each lookup adds to.
     num_groups: static G (required with `groups`).
-    impl: "auto" | "xla" | "pallas" | "interpret" (`sparsejax.ops.dispatch`).
+    impl: "auto" | "xla" | "pallas" | "interpret" (`sparsejax.ops.dispatch`); "auto"
+      uses XLA where the kernel cannot take the inputs (`resolve_lookup_impl`).
+    check_indices: also `checkify.check` that indices are in [0, N) and groups in
+      [0, num_groups) (reported under `checkify.checkify`); off: invalid lookups
+      contribute zero (module docstring).
 
   Returns:
     [..., v] without groups, [..., G, v] with them; dtype result_type(values, weights).
     Differentiable in `values` and `weights` (deterministic backward).
   """
   values, indices, weights = map(jnp.asarray, (values, indices, weights))
+  if groups is not None:
+    groups = jnp.asarray(groups)
   _check(values, indices, weights, groups, num_groups)
-  lead, k = indices.shape[:-1], indices.shape[-1]
-  if groups is None:
-    groups2d, g = jnp.zeros((max(1, indices.size // k), k), jnp.int32), 1
-  else:
-    groups2d, g = jnp.asarray(groups, jnp.int32).reshape(-1, k), num_groups
-  idx2d = jnp.clip(indices.astype(jnp.int32), 0, values.shape[0] - 1).reshape(-1, k)
+  if check_indices:
+    check_lookup_indices(indices, groups, values.shape[0], num_groups)
+  (n, v), (*lead, k) = values.shape, indices.shape
+  g = 1 if groups is None else num_groups
+  out_shape = (*lead, v) if groups is None else (*lead, g, v)
+  if min(indices.size, n, v) == 0:     # no tokens, K = 0 or an empty table
+    return jnp.zeros(out_shape, jnp.result_type(values.dtype, weights.dtype))
+  idx2d = indices.astype(jnp.int32).reshape(-1, k)
+  groups2d = (jnp.zeros(idx2d.shape, jnp.int32) if groups is None
+              else groups.astype(jnp.int32).reshape(-1, k))
   w2d = weights.reshape(-1, k)
-  impl = resolve_impl(impl, op="memory_lookup")
+  impl = resolve_lookup_impl(impl, values.shape, values.dtype, weights.dtype, k, g)
   if impl == "xla":
     out = _lookup_xla(values, idx2d, w2d, groups2d, g)
   else:
     out = _kernel_lookup(values, idx2d, w2d, groups2d, g, impl)
-  if groups is None:
-    return out.reshape(*lead, values.shape[1])
-  return out.reshape(*lead, g, values.shape[1])
+  return out.reshape(out_shape)

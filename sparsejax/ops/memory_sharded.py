@@ -3,7 +3,8 @@
     memory_lookup_sharded(values [N, v], indices [..., K], weights [..., K], *,
                           groups=None, num_groups=None, mode="rows",
                           table_axes=("fsdp", "tensor", "expert"),
-                          batch_axes=("data", "fsdp", "expert"), mesh=None, impl="auto")
+                          batch_axes=("data", "fsdp", "expert"), mesh=None, impl="auto",
+                          check_indices=False)
         -> [..., v] or [..., G, v], same as `sparsejax.ops.memory.memory_lookup`
 
 Large value tables do not fit one device, so the table is split over `table_axes` (the
@@ -13,8 +14,9 @@ mesh axes among them with size > 1; their product is n below) inside `jax.shard_
                   the linear index over the table axes, major to minor as listed). Every
                   device sees all tokens of its batch shard, keeps the lookups whose
                   index falls in its rows (local index = index - offset; the others get
-                  weight 0 and index 0), runs `memory_lookup` on its rows and the
-                  partial outputs are summed with one `psum` over the table axes.
+                  the invalid index -1: zero contribution, zero gradient), runs
+                  `memory_lookup` on its rows and the partial outputs are summed with
+                  one `psum` over the table axes.
                   Communication: one all-reduce of [tokens_local, (G,) v] per call
                   forward; backward the output cotangent needs none (it is replicated
                   over the table axes) and d_weights is one all-reduce of
@@ -30,6 +32,12 @@ mesh axes among them with size > 1; their product is n below) inside `jax.shard_
                   [tokens_local, K] over the table axes (each shard holds a partial dot
                   product over its columns).
 
+  mode="none"     the table is not split (replicated). With the XLA implementation this
+                  is plain `memory_lookup` (XLA partitions it); with a kernel
+                  (a Pallas call cannot be partitioned by XLA) the lookup runs inside
+                  `jax.shard_map` with the tokens split over the batch axes and the
+                  table replicated; backward dV is one all-reduce of [N, v] over them.
+
 Tokens (dim 0 of indices/weights/groups, and of the output) are split over the
 `batch_axes` that are not table axes, keeping (in order) those whose cumulative
 product divides dim 0; the rest of the batch axes replicate them. With the default
@@ -37,10 +45,14 @@ axes and the mesh of `sparsejax.sharding` that means: table over fsdp × tensor 
 expert, tokens over data. Inputs may arrive with any sharding (XLA reshards them at
 the shard_map boundary, e.g. all-gathers tokens sharded over fsdp).
 
-With no mesh (`mesh=None` and no `jax.set_mesh` in effect) or when the table axes all
-have size 1 this is plain `memory_lookup`. Indices are clamped to [0, N) first, like the
-XLA reference. Works under jit and grad; the backward is `memory_lookup`'s
-deterministic one per shard plus the fixed-order collectives above.
+With no mesh (`mesh=None` and no `jax.set_mesh` in effect), a one-device mesh, or the
+XLA implementation with table axes all of size 1, this is plain `memory_lookup`; a
+kernel on a multi-device mesh always runs inside `jax.shard_map` (as mode="none" when
+the table axes have size 1). Invalid lookups follow `memory_lookup`'s rule (an index
+outside [0, N) is outside every shard's rows: zero contribution, zero gradients);
+`check_indices` checks them once, before the map. Works under jit and grad; the
+backward is `memory_lookup`'s deterministic one per shard plus the fixed-order
+collectives above.
 """
 
 from __future__ import annotations
@@ -52,9 +64,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sparsejax.ops.memory import _check, memory_lookup
+from sparsejax.ops.memory import (_check, check_lookup_indices, memory_lookup,
+                                  resolve_lookup_impl)
 
-MODES = ("rows", "columns")
+MODES = ("none", "rows", "columns")
 DEFAULT_TABLE_AXES = ("fsdp", "tensor", "expert")
 DEFAULT_BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -92,14 +105,15 @@ def memory_lookup_sharded(
     mode: str = "rows", table_axes: Sequence[str] = DEFAULT_TABLE_AXES,
     batch_axes: Sequence[str] = DEFAULT_BATCH_AXES,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    impl: str = "auto") -> jax.Array:
+    impl: str = "auto", check_indices: bool = False) -> jax.Array:
   """`memory_lookup` with `values` sharded over mesh axes `table_axes` (module docstring).
 
   Args:
-    values, indices, weights, groups, num_groups, impl: as `memory.memory_lookup`
-      (`impl` is used for the per-shard lookup).
-    mode: "rows" (split N; partial sums combined with psum) or "columns" (split v;
-      output sharded on its last dim).
+    values, indices, weights, groups, num_groups, impl, check_indices: as
+      `memory.memory_lookup` (`impl` is resolved once, for the per-shard lookup).
+    mode: "rows" (split N; partial sums combined with psum), "columns" (split v;
+      output sharded on its last dim) or "none" (table replicated; tokens split when
+      the lookup runs a kernel).
     table_axes: mesh axes the table is split over (default fsdp × tensor × expert);
       axes of size 1 are ignored. Rows: N must be divisible by their product;
       columns: v must be.
@@ -120,21 +134,31 @@ def memory_lookup_sharded(
   _check(values, indices, weights, groups, num_groups)
   table_axes = (table_axes,) if isinstance(table_axes, str) else tuple(table_axes)
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  if check_indices:
+    check_lookup_indices(indices, groups, values.shape[0], num_groups,
+                         op="memory_lookup_sharded")
 
-  def plain():
+  def plain(impl):
     return memory_lookup(values, indices, weights, groups=groups, num_groups=num_groups,
                          impl=impl)
 
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return plain()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return plain(impl)
   n_tok = indices.shape[0] if indices.ndim > 1 else None
-  table, batch = _axes(mesh, table_axes, batch_axes, n_tok)
+  table, batch = _axes(mesh, () if mode == "none" else table_axes, batch_axes, n_tok)
   n_table = math.prod(mesh.shape[a] for a in table)
   if n_table == 1:
-    return plain()
+    mode = "none"
   n_rows, v = values.shape
+  local_shape = {"none": (n_rows, v), "rows": (n_rows // n_table, v),
+                 "columns": (n_rows, v // n_table)}[mode]
+  g = 1 if groups is None else num_groups
+  impl = resolve_lookup_impl(impl, local_shape, values.dtype, weights.dtype,
+                             indices.shape[-1], g)
+  if mode == "none" and impl == "xla":
+    return plain(impl)
   sizes = {a: mesh.shape[a] for a in table}
   if mode == "rows" and n_rows % n_table:
     raise ValueError(f"mode='rows': the table's N={n_rows} rows must be divisible by the "
@@ -144,14 +168,23 @@ def memory_lookup_sharded(
                      f"divisible by the product {n_table} of the table axes {sizes}")
 
   grouped = groups is not None
-  indices = jnp.clip(indices.astype(jnp.int32), 0, n_rows - 1)
+  indices = indices.astype(jnp.int32)
   args = (values, indices, weights) + ((groups.astype(jnp.int32),) if grouped else ())
   lead = indices.ndim - 1                       # token dims; the output adds (G,) v
   tok_spec = P(batch or None, *([None] * lead)) if lead else P(None)
   out_lead = ((batch or None,) + (None,) * (lead - 1) if lead else ()) + (
       (None,) if grouped else ())
 
-  if mode == "rows":
+  if mode == "none":
+    v_spec = P(None, None)
+
+    def body(values_l, idx, w, *grp):
+      values_l = _vary(values_l, batch)        # replicated: the transpose psums dV
+      return memory_lookup(values_l, idx, w, groups=grp[0] if grouped else None,
+                           num_groups=num_groups, impl=impl)
+
+    out_spec = P(*out_lead, None)
+  elif mode == "rows":
     v_spec = P(table, None)
 
     def body(values_l, idx, w, *grp):
@@ -162,9 +195,8 @@ def memory_lookup_sharded(
       values_l = _vary(values_l, batch)
       idx, w, *grp = (_vary(x, table) for x in (idx, w, *grp))
       local = idx - offset
-      inside = (local >= 0) & (local < n_local)
-      local = jnp.where(inside, local, 0)
-      w = jnp.where(inside, w, jnp.zeros_like(w))
+      # Another shard's rows (and invalid indices, inside no shard) are invalid here.
+      local = jnp.where((local >= 0) & (local < n_local), local, -1)
       out = memory_lookup(values_l, local, w, groups=grp[0] if grouped else None,
                           num_groups=num_groups, impl=impl)
       return jax.lax.psum(out, table)

@@ -6,16 +6,16 @@ per side, kdim the half-query dim, r the Tucker rank, C the Tucker cores, m = kn
 PKM (Lample et al. 2019):
     s₁ = q₁·K₁ᵀ, s₂ = q₂·K₂ᵀ; top-k of each; the k² candidates score s₁[i]+s₂[j];
     top-k of those; weights = softmax over the k; slot = i·n + j.
-TDQKR (UltraMem, specs/ultramem.md §3):
+TDQKR (UltraMem, Huang et al. 2025, §3):
     S_row[h,i,a] = q_row·K_row[h,i,a,:], S_col likewise            ([T,H,n,r])
     G_c[i,j]     = S_row[i,:] · C_c · S_col[j,:]ᵀ,  G = Σ_c G_c
     candidates   = top-m of S_row·u × top-m of S_col·v, with (u, v) the leading singular
                    vectors of Σ_c C_c (detached; `tucker_rank_one`)
     exact G on the m×m grid → top-m; returns the per-core G_c of the kept slots (raw:
     no softmax, no nonlinearity) and the flat virtual slot i·n + j.
-IVE + MCS (§4): virtual slot p → p' = perm[p], block e = ⌊p'/N⌋, row ρ = p' mod N; chunk c
-    of V[ρ] is scaled by G_c and summed into block e's output — expressed as a grouped
-    `memory_lookup` over the table viewed as [N·C, v/C].
+IVE + MCS (UltraMem §4): virtual slot p → p' = perm[p], block e = ⌊p'/N⌋, row
+    ρ = p' mod N; chunk c of V[ρ] is scaled by G_c and summed into block e's output —
+    expressed as a grouped `memory_lookup` over the table viewed as [N·C, v/C].
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.memory_lookup import memory_lookup_kernel
+from pallas_kernels.memory_lookup import kernel_unmet, memory_lookup_kernel
 from pallas_kernels.memory_lookup.gpu import (lookup_dvalues_gpu, lookup_dweights_gpu,
                                               lookup_fwd_gpu)
-from pallas_kernels.memory_lookup.tpu import CHUNK, ROW_TILE, TOKEN_TILE
+from pallas_kernels.memory_lookup.tpu import (CHUNK, META_WINDOW, ROW_TILE, TOKEN_TILE,
+                                              VMEM_BUDGET, vmem_bytes)
 from sparsejax.ops.memory import (lookup_backward_reference, lookup_reference,
                                   memory_lookup)   # the XLA reference (tests only)
 
@@ -100,6 +101,137 @@ def test_matches_xla_reference(key, backend, name, n, v, l, k, g, vdtype, wdtype
   # Rows nobody looked up get exactly zero gradient.
   untouched = np.setdiff1d(np.arange(n), np.asarray(indices))
   assert np.all(np.asarray(d_values, np.float32)[untouched] == 0.0)
+
+
+def _run_fwd_bwd(values, indices, weights, groups, g, d_out, backend):
+  @jax.jit
+  def run(values, weights, d_out):
+    f = lambda vals, w: memory_lookup_kernel(vals, indices, w, groups, g,
+                                             interpret=interpret_for(backend),
+                                             backend=backend)
+    out, vjp = jax.vjp(f, values, weights)
+    return (out,) + vjp(d_out)
+  return run(values, weights, d_out)
+
+
+def numpy_lookup(values, indices, weights, groups, g, d_out):
+  """Independent float64 loops over the valid lookups only: (out, dV, dw)."""
+  values, d_out = np.asarray(values, np.float64), np.asarray(d_out, np.float64)
+  weights = np.asarray(weights, np.float64)
+  indices, groups = np.asarray(indices), np.asarray(groups)
+  n, v = values.shape
+  out, dv, dw = (np.zeros((len(indices), g, v)), np.zeros_like(values),
+                 np.zeros(weights.shape))
+  for l, k in np.ndindex(*indices.shape):
+    r, grp = indices[l, k], groups[l, k]
+    if 0 <= r < n and 0 <= grp < g:
+      out[l, grp] += weights[l, k] * values[r]
+      dv[r] += weights[l, k] * d_out[l, grp]
+      dw[l, k] = d_out[l, grp] @ values[r]
+  return out, dv, dw
+
+
+def assert_close_to(x, want):
+  np.testing.assert_allclose(np.asarray(x, np.float32), want.astype(np.float32),
+                             **tol(x.dtype))
+
+
+# (name, N, v, L, K, G, dtype): bf16 with L·G odd (the d_values row pairs of dY need
+# a padding row), more lookups than a metadata window.
+INVALID_CASES = [
+    ("f32", 40, 64, 11, 6, 2, jnp.float32),
+    ("bf16_odd_dy_rows", 24, 32, 7, 5, 1, jnp.bfloat16),
+    ("f32_many", 48, 32, 9, 32, 3, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,n,v,l,k,g,dtype", INVALID_CASES,
+                         ids=[c[0] for c in INVALID_CASES])
+def test_invalid_lookups_contribute_exactly_zero(key, backend, name, n, v, l, k, g,
+                                                 dtype):
+  """Negative and past-the-end indices and out-of-range groups: the output and grads
+  of the valid lookups only (float64 loops); exactly 0 d_weights for the invalid ones,
+  and the rows they name get nothing."""
+  values, indices, weights, groups, d_out = make_inputs(key, n, v, l, k, g, dtype, dtype)
+  if l * k > META_WINDOW:
+    indices = jnp.where(jnp.arange(k) < k // 2, 5, indices)   # > CHUNK on one row
+  ki, kg = jax.random.split(jax.random.fold_in(key, 1))
+  bad = jax.random.choice(ki, jnp.array([-1, -7, n, n + 2, 2**31 - 1]), (l, k))
+  indices = jnp.where(jax.random.bernoulli(ki, 0.3, (l, k)), bad, indices)
+  groups = jnp.where(jax.random.bernoulli(kg, 0.15, (l, k)),
+                     jax.random.choice(kg, jnp.array([-1, g, g + 3]), (l, k)), groups)
+  invalid = np.asarray((indices < 0) | (indices >= n) | (groups < 0) | (groups >= g))
+  assert 0 < invalid.sum() < invalid.size
+  out, d_values, d_weights = _run_fwd_bwd(values, indices, weights, groups, g, d_out,
+                                          backend)
+  want_out, want_dv, want_dw = numpy_lookup(values, indices, weights, groups, g, d_out)
+  assert_close_to(out, want_out)
+  assert_close_to(d_values, want_dv)
+  assert_close_to(d_weights, want_dw)
+  assert np.all(np.asarray(d_weights)[invalid] == 0)
+  # Row 0 and row N-1 (where clamping would send them) get only their valid lookups.
+  for row in (0, n - 1):
+    assert_close_to(d_values[row], want_dv[row])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l,k,n", [(0, 4, 16), (5, 0, 16), (3, 2, 0)],
+                         ids=["no_tokens", "k0", "empty_table"])
+def test_empty_shapes_give_zeros_and_zero_grads(backend, l, k, n):
+  values = jnp.ones((n, 8), jnp.float32) * 3
+  indices = jnp.zeros((l, k), jnp.int32)
+  weights, groups = jnp.ones((l, k), jnp.float32), jnp.zeros((l, k), jnp.int32)
+  f = lambda vals, w: jnp.sum(memory_lookup_kernel(vals, indices, w, groups, 2,
+                                                   interpret=interpret_for(backend),
+                                                   backend=backend) ** 2)
+  out = memory_lookup_kernel(values, indices, weights, groups, 2, backend=backend,
+                             interpret=interpret_for(backend))
+  assert out.shape == (l, 2, 8) and out.dtype == jnp.float32 and not np.any(out)
+  d_values, d_weights = jax.grad(f, (0, 1))(values, weights)
+  assert d_values.shape == (n, 8) and not np.any(d_values)
+  assert d_weights.shape == (l, k)
+
+
+def test_tpu_calls_split_for_smem(key, monkeypatch):
+  """Scalar-prefetch tables over the SMEM budget split the call: the forward and
+  d_weights over token chunks (8 tokens each here), d_values over row tiles (1 here)."""
+  from pallas_kernels.memory_lookup import tpu
+  values, indices, weights, groups, d_out = make_inputs(key, 64, 32, 19, 4, 2,
+                                                        jnp.float32, jnp.float32)
+  monkeypatch.setattr(tpu, "SMEM_TABLE_BYTES", 4 * 4 * TOKEN_TILE)
+  monkeypatch.setattr(tpu, "DVALUES_TILES", 1)
+  assert len(tpu._token_chunks(19, 4)) == 3
+  out, d_values, d_weights = _run_fwd_bwd(values, indices, weights, groups, 2, d_out,
+                                          "tpu")
+  want_out, want_dv, want_dw = numpy_lookup(values, indices, weights, groups, 2, d_out)
+  assert_close_to(out, want_out)
+  assert_close_to(d_values, want_dv)
+  assert_close_to(d_weights, want_dw)
+
+
+def test_constraints_and_vmem_footprint():
+  """kernel_unmet: dtypes (both), odd bf16 tables and VMEM over budget (TPU)."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  assert kernel_unmet((64, 128), f32, bf16, 32, 4, "tpu") is None
+  assert kernel_unmet((64, 128), bf16, f32, 32, 4, "gpu") is None
+  assert "float16" in kernel_unmet((64, 128), jnp.float16, f32, 8, 1, "gpu")
+  assert "weights dtype float16" in kernel_unmet((64, 128), f32, jnp.float16, 8, 1,
+                                                 "tpu")
+  assert "odd number of rows N=63" in kernel_unmet((63, 128), bf16, f32, 8, 1, "tpu")
+  assert kernel_unmet((63, 128), bf16, f32, 8, 1, "gpu") is None
+  # The released UltraMem layer (K = 2 heads · 80 · 2 cores, v = 384/2) fits; a PKM
+  # with 4 heads · 32 rows of 4096 columns does not.
+  assert vmem_bytes(192, 320, 8) < VMEM_BUDGET
+  assert kernel_unmet((64, 192), bf16, f32, 320, 8, "tpu") is None
+  assert vmem_bytes(4096, 128, 1) > VMEM_BUDGET
+  assert "VMEM footprint" in kernel_unmet((64, 4096), f32, f32, 128, 1, "tpu")
+  # The footprint grows linearly in K·v.
+  assert vmem_bytes(256, 64, 2) > 1.9 * vmem_bytes(128, 64, 2)
+  with pytest.raises(ValueError, match="even number of rows"):
+    memory_lookup_kernel(jnp.ones((5, 8), bf16), jnp.zeros((2, 2), jnp.int32),
+                         jnp.ones((2, 2), bf16), jnp.zeros((2, 2), jnp.int32), 1,
+                         backend="tpu", interpret=True)
 
 
 def test_tpu_forward_no_races(key):

@@ -18,23 +18,24 @@ from sparsejax.validation import ConfigError
 CFG = parse_model_config(dict(d_model=16, num_layers=1, num_heads=2, num_kv_heads=2))
 
 
-def _layer_norm(x, gain, axis=-1):
-  mean = x.mean(axis, keepdims=True)
-  var = ((x - mean) ** 2).mean(axis, keepdims=True)
-  shape = [1] * x.ndim
-  shape[axis] = -1
-  return (x - mean) / jnp.sqrt(var + 1e-5) * gain.reshape(shape)
+def _norm(kind, x, gain):
+  """LayerNorm (mean and variance) or RMSNorm (root mean square) over the last axis."""
+  if kind == "layernorm":
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain
+  assert kind == "rmsnorm"
+  return x / jnp.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * gain
 
 
 def ultramem_reference(p, state, x, opt: UltraMemOptions):
-  """specs/ultramem.md §1–4 on the full n×n grid: candidates as a mask, IVE blocks as a
-  one-hot over E, MCS chunks by reshaping."""
+  """UltraMem (Huang et al. 2025) §1–4 on the full n×n grid: candidates as a mask, IVE
+  blocks as a one-hot over E, MCS chunks by reshaping."""
   c, e, m = opt.tucker_cores, opt.value_expand, opt.knn
   n, rows = opt.keys_per_side, opt.num_keys ** 2
   xt = x.reshape(-1, x.shape[-1])
-  q = _layer_norm((xt @ p["query"]).reshape(-1, 2, p["query"].shape[1] // 2),
-                  p["query_norm"])
-  keys = _layer_norm(p["keys"], p["key_norm"])              # [H, 2, n, r, kdim]
+  q = _norm(opt.qk_norm, (xt @ p["query"]).reshape(-1, 2, p["query"].shape[1] // 2),
+            p["query_norm"])
+  keys = _norm(opt.qk_norm, p["keys"], p["key_norm"])      # [H, 2, n, r, kdim]
   s_row = jnp.einsum("td,hnrd->thnr", q[:, 0], keys[:, 0])
   s_col = jnp.einsum("td,hnrd->thnr", q[:, 1], keys[:, 1])
   u, v = state["tucker_u"], state["tucker_v"]
@@ -60,8 +61,9 @@ def pkm_reference(p, x, opt: PKMOptions):
   """Brute-force top-k over all n² slots per head, softmax, Σ over heads."""
   h, n, k = opt.heads, opt.num_keys, opt.knn
   xt = x.reshape(-1, x.shape[-1])
-  q = _layer_norm((xt @ p["query"]).reshape(xt.shape[0], h, 2, -1), p["query_norm"])
-  keys = _layer_norm(p["keys"], p["key_norm"])
+  q = _norm(opt.qk_norm, (xt @ p["query"]).reshape(xt.shape[0], h, 2, -1),
+            p["query_norm"])
+  keys = _norm(opt.qk_norm, p["keys"], p["key_norm"])
   full = (jnp.einsum("thd,hnd->thn", q[:, :, 0], keys[:, 0])[..., :, None]
           + jnp.einsum("thd,hnd->thn", q[:, :, 1], keys[:, 1])[..., None, :])
   full = full.reshape(*full.shape[:2], n * n)
@@ -89,7 +91,8 @@ def _check_forward_and_grads(apply, reference, params, x, seed):
 
 @pytest.mark.parametrize("options", [
     dict(heads=2, knn=4, num_keys=4, tucker_rank=2, tucker_cores=2, value_expand=4),
-    dict(heads=1, knn=3, num_keys=5, tucker_rank=1, tucker_cores=1, value_expand=1),
+    dict(heads=1, knn=3, num_keys=5, tucker_rank=1, tucker_cores=1, value_expand=1,
+         qk_norm="layernorm"),
 ])
 def test_ultramem_layer_matches_full_grid_reference(rng_seed, options):
   opt = UltraMemOptions(impl="xla", **options)
@@ -102,13 +105,28 @@ def test_ultramem_layer_matches_full_grid_reference(rng_seed, options):
   _check_forward_and_grads(apply, reference, params, x, rng_seed)
 
 
-def test_pkm_layer_matches_brute_force_reference(rng_seed):
-  opt = PKMOptions(heads=2, knn=3, num_keys=5, impl="xla")
+@pytest.mark.parametrize("qk_norm", ["rmsnorm", "layernorm"])
+def test_pkm_layer_matches_brute_force_reference(rng_seed, qk_norm):
+  opt = PKMOptions(heads=2, knn=3, num_keys=5, impl="xla", qk_norm=qk_norm)
   layer = ProductKeyMemory(CFG, opt)
   x = jax.random.normal(jax.random.key(rng_seed), (2, 3, CFG.d_model))
   params, _ = _init(layer, x, rng_seed)
   _check_forward_and_grads(lambda p, x: layer.apply({"params": p}, x),
                            lambda p, x: pkm_reference(p, x, opt), params, x, rng_seed)
+
+
+def test_qk_norm_defaults_to_rmsnorm_and_the_two_norms_differ(rng_seed):
+  """RMSNorm (the released UltraMem config's) is the default of both layers; the
+  LayerNorm option really changes the forward (the query has a nonzero mean)."""
+  assert UltraMemOptions().qk_norm == PKMOptions().qk_norm == "rmsnorm"
+  x = jax.random.normal(jax.random.key(rng_seed), (1, 3, CFG.d_model)) + 1.0
+  outs = []
+  for qk_norm in ("rmsnorm", "layernorm"):
+    layer = UltraMemLayer(CFG, UltraMemOptions(knn=2, num_keys=4, qk_norm=qk_norm,
+                                               impl="xla"))
+    params, state = _init(layer, x, rng_seed)
+    outs.append(layer.apply({"params": params, **state}, x))
+  assert np.abs(np.asarray(outs[0] - outs[1])).max() > 1e-4
 
 
 def test_ultramem_init_follows_the_spec(rng_seed):
@@ -198,6 +216,7 @@ def test_value_lr_group_matches_the_model_values_and_decays_4_to_1(memory):
     (dict(tucker_rank=0), "tucker_rank"),
     (dict(shard_values="diagonal"), "shard_values"),
     (dict(value_lr_decay_fraction=0.0), "value_lr_decay_fraction"),
+    (dict(qk_norm="batchnorm"), "qk_norm"),
 ])
 def test_bad_ultramem_options_name_the_field(options, field):
   with pytest.raises(ConfigError, match=rf"config\.model\.memory_options\.{field}"):

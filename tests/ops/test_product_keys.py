@@ -29,7 +29,7 @@ def test_pkm_equals_brute_force_top_k_over_all_slots(rng_seed):
 
 
 def _tdqkr_numpy(q_row, q_col, keys_row, keys_col, cores, u, v, m):
-  """Loop re-derivation of specs/ultramem.md §3 for one token at a time."""
+  """Loop re-derivation of UltraMem TDQKR (Huang et al. 2025, §3) one token at a time."""
   t, h, n = q_row.shape[0], keys_row.shape[0], keys_row.shape[1]
   scores = np.zeros((t, h, m, cores.shape[1]), np.float32)
   slots = np.zeros((t, h, m), np.int64)
