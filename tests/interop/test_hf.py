@@ -21,6 +21,7 @@ from sparsejax import sharding
 from sparsejax.interop import (HFCheckpointError, HFConfigError, load_hf,
                                model_variables, save_hf)
 from sparsejax.models import DecoderLM
+from sparsejax.ops import attention as attention_ops
 from sparsejax.train import generate
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
@@ -217,3 +218,17 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
   with pytest.raises(HFConfigError, match="qkv_bias"):
     save_hf(str(tmp_path / "x"), cfg, params, like=fixture("qwen2_bf16"))
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_linear_rope_scaling(tmp_path, rng_seed):
+  """Position interpolation: scaling frequencies by 1/f = rotating at positions p / f."""
+  x = jax.random.normal(jax.random.key(rng_seed), (2, 6, 3, 8))
+  positions = jnp.broadcast_to(jnp.arange(6) * 4, (2, 6))
+  scaled = attention_ops.rope(x, positions, 1e4, attention_ops.RopeScaling("linear", 4.0))
+  np.testing.assert_allclose(scaled, attention_ops.rope(x, positions // 4, 1e4),
+                             atol=1e-5)
+  linear = dict(rope_type="linear", factor=2.0, rope_theta=500.0)
+  cfg, _ = load_hf(copy_fixture(tmp_path, "llama",
+                                lambda c: c.update(rope_parameters=linear)))
+  assert (cfg.rope_theta, dict(cfg.rope_scaling)) == (
+      500.0, {"rope_type": "linear", "factor": 2.0})
