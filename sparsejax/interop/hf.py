@@ -40,7 +40,6 @@ tensor, file or config field at fault.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -270,26 +269,25 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = No
       traverse_util.unflatten_dict(boxed, sep="/"), mesh), sep="/")
                if mesh is not None else {})
   params = {}
-  with contextlib.ExitStack() as stack:
-    handles = {}
-    def read(name):
-      file = files[name]
-      if file not in handles:
-        handles[file] = stack.enter_context(safe_open(file, "np"))
-      return handles[file].get_tensor(name)
-    for rule in rules:
-      tensors = []
-      for name, shape in zip(rule.theirs, rule.shapes):
-        tensor = read(name)
-        if tensor.shape != shape:
-          raise HFCheckpointError(f"{path}: tensor {name!r} has shape {tensor.shape}, "
-                                  f"but its config.json implies {shape}")
-        tensors.append(tensor)
-      for our_path, value in zip(rule.ours, rule.to_ours(*tensors)):
-        value = np.ascontiguousarray(value, dtype=jnp.dtype(dtype))
-        params[our_path] = jax.device_put(value, shardings.get(our_path))
-      del tensors
+  for rule in rules:
+    tensors = [_read_tensor(files[name], name, shape, path)
+               for name, shape in zip(rule.theirs, rule.shapes)]
+    for our_path, value in zip(rule.ours, rule.to_ours(*tensors)):
+      value = np.ascontiguousarray(value, dtype=jnp.dtype(dtype))
+      params[our_path] = jax.device_put(value, shardings.get(our_path))
+    del tensors, value
   return cfg, traverse_util.unflatten_dict(params, sep="/")
+
+
+def _read_tensor(file: str, name: str, shape: tuple[int, ...], path: str) -> np.ndarray:
+  """One tensor, checked against its expected shape. The file is memory-mapped only
+  while it is read, so its pages do not accumulate in the process's memory."""
+  with safe_open(file, "np") as f:
+    tensor = f.get_tensor(name)
+  if tensor.shape != shape:
+    raise HFCheckpointError(f"{path}: tensor {name!r} has shape {tensor.shape}, but "
+                            f"its config.json implies {shape}")
+  return tensor
 
 
 def _like(like: str | Mapping[str, Any] | None) -> tuple[dict | None, str | None]:
@@ -316,7 +314,7 @@ def save_hf(path: str, model_config: ModelConfig, params: Any, *,
   like_cfg, like_dir = _like(like)
   arch = (hf_config.architecture(like_cfg, "like") if like_cfg is not None
           else hf_config.hf_architecture_for(model_config))
-  flat = traverse_util.flatten_dict(params, sep="/")
+  flat = traverse_util.flatten_dict(sharding.unbox(params), sep="/")  # init's boxes too
   dtypes = {jnp.dtype(v.dtype).name for v in flat.values()}
   if len(dtypes) != 1:
     raise HFCheckpointError(f"params mix dtypes {sorted(dtypes)}; cast them to one")
