@@ -121,7 +121,7 @@ def model_configs(*, d_model, num_layers, num_heads, num_kv_heads, vocab_size, d
               num_heads=num_heads, num_kv_heads=num_kv_heads, d_ff=d_ff,
               tie_embeddings=True, dtype="float32", param_dtype="float32")
   moe = lambda impl: dict(base, ffn="moe", ffn_options=dict(
-      num_experts=num_experts, top_k=top_k, d_expert=d_ff // top_k, impl=impl,
+      num_experts=num_experts, top_k=top_k, d_expert=d_ff // top_k, dispatch=impl,
       aux_loss_weight=0.0, z_loss_weight=0.0))
   return {"dense": base, "moe_decode": moe("decode"), "moe_dropless": moe("dropless"),
           "ultramem": dict(base, d_ff=ultramem_d_ff, memory="ultramem",

@@ -64,7 +64,7 @@ _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Routed experts E.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token k.")
 _D_EXPERT = flags.DEFINE_integer("d_expert", 256, "Hidden size F of each expert.")
 _CAPACITY_FACTOR = flags.DEFINE_float("capacity_factor", 1.25,
-                                      "impl=capacity: C = ceil(k·T/E · factor).")
+                                      "dispatch=capacity: C = ceil(k·T/E · factor).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32", "64"],
                                  "Decode batch sizes (one token per sequence).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed samples per method (median).")
@@ -101,11 +101,11 @@ def moe_apply(params, x, *, k: int, impl: str, capacity_factor: float):
   """(y [T,D], dropped fraction) of the routed MoE FFN, routing included."""
   weights, experts, _ = route(params, x, k)
   return moe_ops.moe_ffn(x, weights, experts, params["w_gate"], params["w_up"],
-                         params["w_down"], impl=impl, capacity_factor=capacity_factor)
+                         params["w_down"], dispatch=impl, capacity_factor=capacity_factor)
 
 
 def capacity_keep(experts, num_experts: int, capacity_factor: float):
-  """bool [T,k]: the slots `impl="capacity"` keeps (slot-major positions < C)."""
+  """bool [T,k]: the slots `dispatch="capacity"` keeps (slot-major positions < C)."""
   t, k = experts.shape
   c = moe_ops.capacity(t, k, num_experts, capacity_factor)
   onehot = jax.nn.one_hot(experts.T, num_experts, dtype=jnp.int32)   # [k, T, E]
@@ -119,7 +119,7 @@ def masked_reference(params, x, *, k: int, capacity_factor: float):
   weights, experts, _ = route(params, x, k)
   keep = capacity_keep(experts, params["w_up"].shape[0], capacity_factor)
   y, _ = moe_ops.moe_ffn(x, weights * keep, experts, params["w_gate"], params["w_up"],
-                         params["w_down"], impl="loop")
+                         params["w_down"], dispatch="loop")
   return y, jnp.mean(~keep)
 
 

@@ -15,7 +15,7 @@ Interrupted? Rerun the same command: finished variants are kept, the running one
 
 --reduced (≈18 min on a busy 2-core CPU, compile included) trains REDUCED_STEPS steps at the
 configs' model, seq_len and batch; without it each variant runs its config's num_steps
-(360). The MoE runs with ffn_options.impl=--moe_impl ("loop" by default: exact, like
+(360). The MoE runs with ffn_options.dispatch=--moe_dispatch ("loop" by default: exact, like
 "dropless", and the fastest on CPU; "dropless"/ragged_dot is far slower there).
 
 Columns:
@@ -80,8 +80,9 @@ _REDUCED = flags.DEFINE_bool("reduced", False, f"Reduced run (`make compare`): "
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every variant (0: "
                               "REDUCED_STEPS with --reduced, else the configs' num_steps).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")
-_MOE_IMPL = flags.DEFINE_enum("moe_impl", "loop", ["auto", "dropless", "loop", "capacity"],
-                              "config.model.ffn_options.impl of the MoE variant.")
+_MOE_DISPATCH = flags.DEFINE_enum(
+    "moe_dispatch", "loop", ["auto", "dropless", "loop", "capacity"],
+    "config.model.ffn_options.dispatch of the MoE variant.")
 _OVERRIDES = flags.DEFINE_string("overrides", "", "JSON dict deep-merged into every "
                                  "variant's config, e.g. '{\"data\": {\"batch_size\": 8}}'.")
 _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
@@ -103,7 +104,7 @@ def train_tokens_per_s(metrics_path: str) -> float:
 
 
 def variant_configs(names, steps: int, reduced: bool, overrides: dict,
-                    moe_impl: str) -> dict[str, dict]:
+                    moe_dispatch: str) -> dict[str, dict]:
   """{name: config dict} with the shared train settings applied."""
   out = {}
   for name in names:
@@ -118,7 +119,7 @@ def variant_configs(names, steps: int, reduced: bool, overrides: dict,
       config = sweep.deep_update(config, {**REDUCED, "train": {
           **REDUCED["train"], "checkpoint_every": max(num_steps // 2, 1)}})
     if config["model"]["ffn"] == "moe":
-      config = sweep.deep_update(config, {"model": {"ffn_options": {"impl": moe_impl}}})
+      config = sweep.deep_update(config, {"model": {"ffn_options": {"dispatch": moe_dispatch}}})
     out[name] = sweep.deep_update(config, overrides)
   return out
 
@@ -172,7 +173,7 @@ def main(argv):
   overrides = json.loads(_OVERRIDES.value) if _OVERRIDES.value else {}
   names = list(_VARIANTS.value)
   configs = variant_configs(names, _STEPS.value, _REDUCED.value, overrides,
-                            _MOE_IMPL.value)
+                            _MOE_DISPATCH.value)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   rows = []
   start = time.perf_counter()
@@ -200,7 +201,7 @@ def main(argv):
       f"Setup: d_model {first['model']['d_model']}, {first['model']['num_layers']} "
       f"blocks, seq_len {first['data']['seq_len']}, batch {first['data']['batch_size']}, "
       f"{steps} steps ({rows[0]['tokens']:,} train tokens) per variant, same data and "
-      f"seed; MoE impl `{_MOE_IMPL.value}`"
+      f"seed; MoE dispatch `{_MOE_DISPATCH.value}`"
       f"{'; reduced run (`make compare`)' if _REDUCED.value else ''}. Val loss in nats "
       "per byte. Activated params: non-embedding params used per token (MoE routed "
       "experts × top_k/num_experts; memory value tables only the heads·knn rows read "

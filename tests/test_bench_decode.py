@@ -87,5 +87,5 @@ def test_plan_matches_closed_form_sizes(bench):
   assert abs(info["ultramem"]["total_params"] / info["moe"]["total_params"] - 1) < 0.01
   for kind in ("moe", "ultramem"):
     assert abs(info[kind]["activated_params"] / dense - 1) < 0.05
-  assert cfgs["moe_decode"]["ffn_options"]["impl"] == "decode"
-  assert cfgs["moe_dropless"]["ffn_options"]["impl"] == "dropless"
+  assert cfgs["moe_decode"]["ffn_options"]["dispatch"] == "decode"
+  assert cfgs["moe_dropless"]["ffn_options"]["dispatch"] == "dropless"
