@@ -18,8 +18,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# libtpu (TPU compiles on this host, tests/tpu_aot.py) goes off sys.path into
+# .venv/libtpu, so plain `import jax` (make run) never loads it; if it cannot be
+# downloaded, the TPU-compile tests skip.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test]"
+	-$(PY) -m pip install --quiet --no-deps --target $(VENV)/libtpu "$$($(PY) tests/tpu_aot.py)"
 	touch $@
 
 run: $(VENV)/.installed

@@ -11,6 +11,11 @@ import os
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+# With libtpu importable (the `tpu-aot` extra) plain JAX would probe for a TPU and print
+# libtpu's init errors on this CPU suite; TPU programs are compiled ahead of time by
+# tests/tpu_aot.py instead. On a TPU host, run with JAX_PLATFORMS=tpu,cpu.
+if importlib.util.find_spec("libtpu") is not None:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
