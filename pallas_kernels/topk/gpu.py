@@ -18,6 +18,13 @@ and one write; no tensor-core FLOPs. ALU work ≈ 3 ops/element/pass (compare, c
 add) × (31 | 15) passes plus a block reduction per pass, so large rows are ALU/reduction
 bound rather than HBM bound. Registers bound B: with num_warps=8 a row of ≤ 16K f32
 stays in registers; larger rows spill. Backward (STE) is the identity: no kernel.
+
+Tuning: `num_warps` (default `default_num_warps(D)`: one warp per 512 columns, 1..16)
+spreads the row over more threads. `num_stages` (default 1) is Triton's software
+pipelining depth for loops that stream memory; this kernel loads its row once, before
+the bisection loops, so there is nothing to pipeline and more stages would only
+reserve shared memory. There is no matmul (no precision setting): counts are exact
+int32 sums.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._common import triton_params
 
 MAX_BLOCK = 1 << 20   # Triton's limit on the elements of one block (TRITON_MAX_TENSOR_NUMEL)
 
@@ -96,6 +104,7 @@ def topk_sparsify_gpu(x2d: jax.Array, k: int, *, interpret: bool = False,
     return_threshold: also return per-row `(t, c)` int32 arrays of shape [R] (see
       `pallas_kernels.topk.apply_threshold`).
     num_warps: Triton warps per program (default grows with D).
+    num_stages: Triton pipelining stages (default 1: the row is loaded once).
 
   Returns:
     y[R, D] (same dtype), or (y, t, c) if `return_threshold`.
@@ -121,8 +130,7 @@ def topk_sparsify_gpu(x2d: jax.Array, k: int, *, interpret: bool = False,
       in_specs=[pl.BlockSpec((None, d), lambda i: (i, 0))],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps,
-                                              num_stages=num_stages),
+      compiler_params=triton_params(num_warps, num_stages),
       cost_estimate=pl.CostEstimate(
           flops=3 * (31 - lo_bit) * r * block, transcendentals=0,
           bytes_accessed=2 * r * d * itemsize),

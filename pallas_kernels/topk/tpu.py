@@ -16,8 +16,16 @@ Counts are compare → f32 lane sums (exact below 2^24 columns).
 Layout: row tiles of 8 (4-byte dtypes) or 16 (2-byte dtypes) rows on sublanes × the
 full padded row on lanes. D is padded to a multiple of 128 and rows to a multiple of
 the tile by the wrapper; padded columns get key −1 inside the kernel, so they are
-never selected whatever the pad value. VMEM per grid step ≈ 2·2·TR·Dp·b (double
-buffered in/out) plus ~4 int32 temporaries of TR·Dp: fine up to D ≈ 64K (f32).
+never selected whatever the pad value.
+
+VMEM per grid step (`vmem_bytes`) ≈ TR·Dp·(4·b + 12): in/out blocks double buffered
+(4·b per element) plus the int32 keys/columns and compare temporaries. Measured with
+the Mosaic compiler (libtpu AOT, v5e): f32 D = 98304 needs 20.85 MiB, D = 131072
+27.85 MiB (8·28 B per column, as modelled); bf16 D = 65536 16.01 MiB, D = 98304 24 MiB
+(16·16 B per column; the model's 16·20 B is conservative). `VMEM_BUDGET` = 16 MiB is
+the default scoped-VMEM limit of v5e (v6e: 32 MiB), so rows up to D ≈ 74K (f32) /
+52K (bf16, f16) compile everywhere; longer rows are refused (`kernel_unmet`) and
+impl="auto" uses XLA.
 
 Roofline: bytes = R·D·(b_in + b_out) (f32: 8 B/element; bf16: 4 B/element); no MXU
 FLOPs. VPU work ≈ 3 ops/element/pass (compare, convert, add) × (31 | 15 passes) plus
@@ -37,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+VMEM_BUDGET = 16 << 20     # the default scoped-VMEM limit of TPU v5e (bytes)
 
 
 def row_tile(dtype) -> int:
@@ -47,6 +56,12 @@ def row_tile(dtype) -> int:
 def key_low_bit(dtype) -> int:
   """Lowest bit of the f32 key that can be non-zero for `dtype` upcast to f32."""
   return 23 - jnp.finfo(dtype).nmant
+
+
+def vmem_bytes(d: int, dtype) -> int:
+  """Modelled VMEM bytes of one grid step for rows of length `d` (see module doc)."""
+  dp = pl.cdiv(d, LANES) * LANES
+  return row_tile(dtype) * dp * (4 * jnp.dtype(dtype).itemsize + 12)
 
 
 def _column_bits(dp: int) -> int:
@@ -147,4 +162,5 @@ def topk_sparsify_tpu(x2d: jax.Array, k: int, *, interpret=False,
   return y
 
 
-__all__ = ["topk_sparsify_tpu", "row_tile", "key_low_bit", "SUPPORTED_DTYPES"]
+__all__ = ["topk_sparsify_tpu", "row_tile", "key_low_bit", "vmem_bytes", "VMEM_BUDGET",
+           "SUPPORTED_DTYPES"]

@@ -13,9 +13,14 @@ continue-trained as Q-Sparse or BitNet), selected from the config alone:
 The sparsified/quantized input of a projection is its whole per-token input vector: for
 o_proj (x [B, T, H, Dh], contract_dims=2) that is the concatenated heads, flattened to
 H·Dh features. Sparsifying modules sow "act_sparsity" (the fraction of exactly-zero
-entries of the input fed to the matmul, natural zeros included; float32 scalar) into the
-"metrics" collection, logged per projection, e.g. `block_0/attention/q_proj/act_sparsity`.
-Embeddings and lm_head are not built through the registry and stay full precision.
+entries of the input fed to the matmul, natural zeros included; float32 scalar; 0 for an
+empty input) into the "metrics" collection, logged per projection, e.g.
+`block_0/attention/q_proj/act_sparsity`. Embeddings and lm_head are not built through
+the registry and stay full precision.
+
+The top-k runs through `sparsejax.ops.topk_sparsify` with the options' `impl`: on a
+sharded model with a Pallas impl the kernel runs per shard inside `jax.shard_map` (the
+token rows split over the batch mesh axes), since XLA cannot partition a Pallas call.
 
 BitNet weights: `weights="latent"` (training) holds the full-precision "kernel" and
 quantizes it on the fly; `weights="ternary"` (inference on an exported model, see
@@ -48,11 +53,12 @@ WEIGHTS = ("latent", "ternary")
 
 
 def topk_count(topk_ratio: float, d: int) -> int:
-  """k = max(1, floor(topk_ratio · d)): the entries kept per token of a d-vector.
+  """k = min(d, max(1, floor(topk_ratio · d))): the entries kept per token of a
+  d-vector (0 only for d = 0).
 
   The floor tolerates float error in the product (0.29 · 100 keeps 29, not 28).
   """
-  return max(1, min(d, math.floor(topk_ratio * d + 1e-9)))
+  return min(d, max(1, math.floor(topk_ratio * d + 1e-9)))
 
 
 def _check_sparsity_args(module, d: int) -> None:
@@ -79,7 +85,8 @@ def _sparsify(module, x: jax.Array, rescale: bool) -> jax.Array:
   else:
     y = topk_sparsify(x, topk_count(module.topk_ratio, d), rescale=rescale,
                       impl=module.impl)
-  module.sow("metrics", "act_sparsity", jnp.mean((y == 0).astype(jnp.float32)))
+  sparsity = jnp.mean((y == 0).astype(jnp.float32)) if y.size else jnp.float32(0)
+  module.sow("metrics", "act_sparsity", sparsity)
   return y
 
 
@@ -90,7 +97,9 @@ def _kernel(module, in_dims) -> jax.Array:
 
 
 def _flatten_features(x: jax.Array, contract_dims: int) -> jax.Array:
-  return x.reshape(*x.shape[:x.ndim - contract_dims], -1)
+  """x [..., *in_dims] -> [..., prod(in_dims)] (explicit size: no tokens is allowed)."""
+  lead = x.ndim - contract_dims
+  return x.reshape(*x.shape[:lead], math.prod(x.shape[lead:]))
 
 
 class SparseDense(Dense):

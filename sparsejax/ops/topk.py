@@ -14,19 +14,34 @@ Ordering and special values (the same in the XLA reference and the Pallas kernel
   * ties keep the lowest index along `axis` (as `lax.top_k`), so exactly k per row;
   * unselected entries are +0.0 (a select, not a multiply: inf/NaN do not leak);
   * with `rescale=True` a row containing NaN or inf becomes NaN (its norm is).
-Bad arguments raise ValueError at trace time (k out of range, n:m not dividing the
-axis, non-floating dtype).
+Bad arguments raise at trace time: TypeError for a non-floating x, ValueError for k out
+of range or n:m not dividing the axis. Empty inputs (no rows; an axis of size 0 with
+k = 0) return x.
+
+Kernels (`impl`, see `sparsejax.ops.dispatch`): "auto" runs the Pallas kernel on
+TPU/GPU when it takes the input (`pallas_kernels.topk.kernel_unmet`: dtype
+f32/bf16/f16, row length within the kernel's VMEM / block limits), else XLA. A Pallas
+call cannot be partitioned by XLA, so when a mesh of more than one device is in
+context (`jax.set_mesh`) the kernel runs inside `jax.shard_map`: rows are independent,
+so the flattened rows are split over the batch axes ("data", "fsdp", "expert", those
+of size > 1 whose product divides the row count — the layout of activations whose
+batch dim is sharded that way) and replicated over the other axes.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from sparsejax.ops.dispatch import kernel_platform, resolve_impl
+
+BATCH_AXES = ("data", "fsdp", "expert")   # as sparsejax.sharding.BATCH_AXES
 
 
 def _static_int(v, name: str) -> int:
@@ -40,7 +55,7 @@ def _static_int(v, name: str) -> int:
 
 def _check_float(x, fn: str) -> None:
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{fn} needs a floating-point input, got dtype {x.dtype}")
+    raise TypeError(f"{fn}: x must be a floating-point array, got dtype {x.dtype}")
 
 
 def _axis(x, axis: int) -> int:
@@ -52,9 +67,11 @@ def _axis(x, axis: int) -> int:
 
 
 def _check_k(k, d: int) -> int:
+  """k in [1, d] (k = 0 only for an empty axis, d = 0)."""
   k = _static_int(k, "k")
-  if not 1 <= k <= d:
-    raise ValueError(f"k={k} must be in [1, {d}] for axis of size {d}")
+  lo = min(1, d)
+  if not lo <= k <= d:
+    raise ValueError(f"k={k} must be in [{lo}, {d}] for axis of size {d}")
   return k
 
 
@@ -118,12 +135,43 @@ def _rescale_last(x, y):
   return (yf * scale).astype(x.dtype)
 
 
+def _free_axes(mesh) -> tuple[str, ...]:
+  """The axes of `mesh` not already manual (i.e. outside any enclosing shard_map)."""
+  if mesh.empty:
+    return ()
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t != jax.sharding.AxisType.Manual)
+
+
+def _row_axes(mesh, free: tuple[str, ...], rows: int) -> tuple[str, ...]:
+  """The BATCH_AXES among `free` (of size > 1) whose cumulative product divides
+  `rows`, in order."""
+  axes, n = [], 1
+  for a in BATCH_AXES:
+    if a in free and mesh.shape[a] > 1 and rows % (n * mesh.shape[a]) == 0:
+      axes.append(a)
+      n *= mesh.shape[a]
+  return tuple(axes)
+
+
 def _kernel_sparsify_last(x, k: int, impl: str):
+  """The Pallas kernel on the rows of x [..., d]; inside `jax.shard_map` over the
+  mesh's free axes when a multi-device mesh is in context (see the module doc)."""
   from pallas_kernels.topk import topk_sparsify_kernel  # lazy: kernels are optional
   x2d = x.reshape(-1, x.shape[-1])
-  y2d = topk_sparsify_kernel(x2d, k, interpret=impl == "interpret",
-                             backend=kernel_platform())
-  return y2d.reshape(x.shape)
+  run = functools.partial(topk_sparsify_kernel, k=k, interpret=impl == "interpret",
+                          backend=kernel_platform())
+  mesh = jax.sharding.get_abstract_mesh()
+  free = _free_axes(mesh)
+  if math.prod(mesh.shape[a] for a in free) > 1:
+    # Manual over every free axis, size-1 ones too: neither Mosaic nor the interpreter's
+    # callbacks accept a partially auto-partitioned region. check_vma=False: a
+    # pallas_call output has no varying-axes type; it is replicated over the axes the
+    # rows are not split on (every replica computes the same rows).
+    spec = P(_row_axes(mesh, free, x2d.shape[0]) or None, None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec,
+                        axis_names=set(free), check_vma=False)
+  return run(x2d).reshape(x.shape)
 
 
 def _sparsify_last(x, k: int, rescale: bool, impl: str):
@@ -155,11 +203,12 @@ def topk_sparsify(x: jax.Array, k: int, *, axis: int = -1, rescale: bool = False
   first), -0.0 counts as magnitude 0 — see the module docstring.
 
   Args:
-    x: floating-point array.
-    k: static int in [1, x.shape[axis]].
+    x: floating-point array (an integer x raises TypeError).
+    k: static int in [1, x.shape[axis]] (0 when that axis is empty).
     axis: the axis to sparsify along (default: last).
     rescale: multiply each row by ‖x‖₂/‖y‖₂ (rows with ‖y‖₂ = 0 are left unscaled).
-    impl: "auto" | "xla" | "pallas" | "interpret" (see `sparsejax.ops.dispatch`).
+    impl: "auto" | "xla" | "pallas" | "interpret" (see `sparsejax.ops.dispatch`; on a
+      multi-device mesh the kernel runs per shard, see the module docstring).
 
   Returns:
     y with x's shape and dtype. Gradient: ∂L/∂x = ∂L/∂y.
@@ -168,7 +217,11 @@ def topk_sparsify(x: jax.Array, k: int, *, axis: int = -1, rescale: bool = False
   _check_float(x, "topk_sparsify")
   axis = _axis(x, axis)
   k = _check_k(k, x.shape[axis])
-  impl = resolve_impl(impl, op="topk_sparsify")
+  unmet = None
+  if impl != "xla":
+    from pallas_kernels.topk import kernel_unmet  # lazy: kernels are optional
+    unmet = kernel_unmet(x.shape[axis], x.dtype, kernel_platform())
+  impl = resolve_impl(impl, op="topk_sparsify", unmet=unmet)
 
   def fn(x):
     xm = jnp.moveaxis(x, axis, -1)

@@ -2,7 +2,8 @@
 
 The TPU (Mosaic) kernel runs with `interpret=pltpu.InterpretParams()`, the GPU (Triton)
 kernel with `interpret=True`. Lowering tests lower both kernels for ("tpu",) and
-("cuda",) on a CPU-only jaxlib, which rejects unsupported primitives.
+("cuda",) on a CPU-only jaxlib, which rejects unsupported primitives; with libtpu
+(tests/tpu_aot.py) the TPU kernel is compiled by Mosaic for v5e / v6e.
 """
 
 import functools
@@ -16,9 +17,10 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.topk import apply_threshold, threshold_keys, topk_sparsify_kernel
-from pallas_kernels.topk.gpu import topk_sparsify_gpu
-from pallas_kernels.topk.tpu import topk_sparsify_tpu
+from pallas_kernels.topk import (apply_threshold, kernel_unmet, threshold_keys,
+                                 topk_sparsify_kernel)
+from pallas_kernels.topk.gpu import MAX_BLOCK, topk_sparsify_gpu
+from pallas_kernels.topk.tpu import VMEM_BUDGET, topk_sparsify_tpu, vmem_bytes
 from sparsejax.ops.topk import topk_mask   # the XLA reference (tests only)
 
 BACKENDS = ["tpu", "gpu"]
@@ -151,3 +153,49 @@ def test_gpu_lowering(dtype):
       lowering_platforms=("cuda",))
   assert "__gpu$xla.gpu.triton" in _custom_call_targets(lowered)
   assert "num_warps = 4" in lowered.as_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows(backend):
+  x = jnp.zeros((0, 24), jnp.float32)
+  y, t, c = topk_sparsify_kernel(x, 5, interpret=interpret_for(backend), backend=backend,
+                                 return_threshold=True)
+  assert y.shape == (0, 24) and t.shape == c.shape == (0,)
+  g = jax.grad(lambda x: jnp.sum(topk_sparsify_kernel(
+      x, 5, interpret=interpret_for(backend), backend=backend)))(x)
+  assert g.shape == (0, 24)
+
+
+def test_kernel_unmet_names_the_constraint():
+  assert kernel_unmet(4096, jnp.bfloat16, "tpu") is None
+  assert kernel_unmet(4096, jnp.float32, "gpu") is None
+  assert "float64" in kernel_unmet(64, jnp.float64, "tpu")
+  assert "int8" in kernel_unmet(64, jnp.int8, "gpu")
+  # TPU: the modelled VMEM of one row tile against the v5e scoped limit.
+  d_max = {dt: max(d for d in range(128, 1 << 18, 128) if vmem_bytes(d, dt) <= VMEM_BUDGET)
+           for dt in (jnp.float32, jnp.bfloat16)}
+  assert d_max[jnp.float32] == 74880 and d_max[jnp.bfloat16] == 52352
+  assert kernel_unmet(d_max[jnp.float32], jnp.float32, "tpu") is None
+  assert "VMEM" in kernel_unmet(d_max[jnp.float32] + 128, jnp.float32, "tpu")
+  assert "one-block limit" in kernel_unmet(MAX_BLOCK + 1, jnp.float32, "gpu")
+  assert kernel_unmet(MAX_BLOCK, jnp.float32, "gpu") is None
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_compiles_sharded_forward_and_backward(topology, dtype):
+  """libtpu AOT: the op with impl="pallas" on a 4-chip mesh (rows split over data, the
+  kernel inside shard_map) compiles with Mosaic, forward and STE backward, at a small
+  row length and at the longest the VMEM model admits (a too-optimistic model fails
+  here with a scoped-VMEM error)."""
+  tpu_aot = pytest.importorskip("tpu_aot")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from sparsejax.ops.topk import topk_sparsify
+  mesh = tpu_aot.tpu_mesh(topology, {"data": 4})
+  d_max = max(d for d in range(128, 1 << 18, 128) if vmem_bytes(d, dtype) <= VMEM_BUDGET)
+  for d in (300, d_max):
+    x = jax.ShapeDtypeStruct((64, d), dtype, sharding=NamedSharding(mesh, P("data")))
+    fn = jax.value_and_grad(lambda x: jnp.sum(
+        topk_sparsify(x, d // 3, impl="pallas").astype(jnp.float32)))
+    compiled = tpu_aot.compile_for_tpu(fn, x, mesh=mesh)
+    assert "tpu_custom_call" in compiled.hlo

@@ -94,6 +94,22 @@ def test_topk_count_floor_is_robust_to_float_error():
   assert topk_count(0.29, 100) == 29          # 0.29 · 100 = 28.999999999999996
   assert topk_count(0.7, 10) == 7 and topk_count(0.7, 32) == 22
   assert topk_count(0.01, 16) == 1 and topk_count(1.0, 16) == 16
+  assert topk_count(0.7, 0) == 0
+
+
+@pytest.mark.parametrize("layer", [
+    SparseDense((6,), ("embed", "mlp"), impl="interpret"),
+    BitDense((6,), ("embed", "mlp"), qsparse=True, impl="interpret")],
+    ids=["qsparse", "bitnet_qsparse"])
+def test_no_tokens_give_an_empty_output_and_zero_sparsity(rng_seed, layer):
+  rng = np.random.default_rng(rng_seed)
+  params = random_params(layer, rng, jnp.zeros((1, 16)))
+  x = jnp.zeros((2, 0, 16))
+  _, apply = init_apply(layer, x)
+  y, metrics = apply(params, x)
+  assert y.shape == (2, 0, 6) and float(metrics["act_sparsity"]) == 0.0
+  g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)))(params)
+  np.testing.assert_array_equal(g["kernel"], np.zeros((16, 6)))
 
 
 def test_exactly_k_nonzeros_per_token_are_fed_into_the_matmul(rng_seed):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsejax.ops import dispatch
 from sparsejax.ops.topk import nm_mask, nm_sparsify, topk_mask, topk_sparsify
 
 
@@ -190,10 +191,15 @@ def test_errors():
     topk_sparsify(x, 2.5)
   with pytest.raises(ValueError, match="static Python int"):
     jax.jit(lambda x, k: topk_sparsify(x, k))(x, 3)
-  with pytest.raises(ValueError, match="floating-point input, got dtype int32"):
+  with pytest.raises(TypeError, match="topk_sparsify: x must be a floating-point array, "
+                     "got dtype int32"):
     topk_sparsify(jnp.ones((2, 8), jnp.int32), 2)
-  with pytest.raises(ValueError, match="floating-point"):
+  with pytest.raises(TypeError, match="nm_sparsify: x must be a floating-point array"):
     nm_sparsify(jnp.ones((2, 8), jnp.int32), 2, 4)
+  with pytest.raises(TypeError, match="topk_mask: x must be a floating-point array"):
+    topk_mask(jnp.ones((2, 8), jnp.uint8), 2)
+  with pytest.raises(ValueError, match=r"k=1 must be in \[0, 0\] for axis of size 0"):
+    topk_sparsify(jnp.ones((2, 0)), 1)
   with pytest.raises(ValueError, match="m=3 must be a positive divisor of the axis size 8"):
     nm_sparsify(jnp.ones((2, 8)), 2, 3)
   with pytest.raises(ValueError, match=r"n=0 must be in \[1, 4\]"):
@@ -231,3 +237,32 @@ def test_interpret_impl_matches_xla(key, dtype, axis, k, rescale):
       jax.vjp(f("interpret"), x)))(x, g)
   assert_bits_equal(y, y_ref)
   assert_bits_equal(dx, g)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("shape,k,axis", [((0, 16), 3, -1), ((2, 0, 8), 8, -1),
+                                          ((3, 0), 0, -1), ((0, 5), 2, 1)])
+def test_empty_inputs_return_empty(impl, shape, k, axis):
+  """No rows (or an empty axis with k = 0): an empty result, forward and backward."""
+  x = jnp.zeros(shape, jnp.float32)
+  y = jax.jit(lambda x: topk_sparsify(x, k, axis=axis, impl=impl))(x)
+  assert y.shape == shape and y.dtype == x.dtype
+  g = jax.grad(lambda x: jnp.sum(topk_sparsify(x, k, axis=axis, rescale=True,
+                                               impl=impl)))(x)
+  assert g.shape == shape
+  if shape[-1] % 4 == 0:
+    assert nm_sparsify(x, 2, 4).shape == shape
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_cannot_take_the_row(key):
+  """Rows longer than the TPU kernel's VMEM budget: "auto" (on a TPU target) warns once
+  and runs XLA; an explicit kernel impl raises naming the op and the constraint."""
+  d = 75008                                # > 74880, the f32 limit of the VMEM model
+  x = jax.random.normal(key, (2, d))
+  with dispatch.target_platform("tpu"):
+    with pytest.warns(UserWarning, match=rf"topk_sparsify: .*D={d}.*VMEM"):
+      y = topk_sparsify(x, 100)
+    with pytest.raises(ValueError, match=rf"topk_sparsify: impl='interpret' cannot run "
+                       rf"these inputs: row length D={d}"):
+      topk_sparsify(x, 100, impl="interpret")
+  assert_bits_equal(y, ref_sparsify(x, np_topk_mask(x, 100)))
