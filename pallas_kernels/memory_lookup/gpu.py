@@ -118,7 +118,8 @@ def _dv_kernel(off_ref, src_ref, w_ref, dy_ref, dv_ref, *, v, bv):
 def lookup_dvalues_gpu(values, indices, weights, groups, d_out, *,
                        interpret: bool = False, num_warps: int = 4,
                        block: int | None = None):
-  """d_values [N, v] (values' dtype) = Σ_{valid (l,k): idx=n} w[l,k]·d_out[l, groups[l,k]]."""
+  """d_values [N, v] (values' dtype) = Σ_{valid (l,k): idx = n} w[l,k]·d_out[l, g[l,k]]
+  (g = groups)."""
   n, v = values.shape
   l, k = indices.shape
   num_groups = d_out.shape[1]

@@ -35,11 +35,11 @@ Backward:
     a CSR of the valid flat lookups sorted by row (stable argsort + bincount/cumsum);
     grid over value-row tiles of R = 32 rows, each tile's dV block written exactly once.
     The per-tile bounds into the sorted lookups (int32, scalar-prefetched) are split
-    into calls of at most DVALUES_TILES = SMEM_TABLE_BYTES / 4 − 1 tiles (2M rows); per chunk of C = 64 sorted
-    lookups the kernel DMAs an aligned metadata window (dY row id l·G + g, target row,
-    weight) HBM → SMEM, then the C dY rows (row pairs for bf16) HBM → VMEM, builds the
-    weighted one-hot [R, C] and accumulates one-hot @ dY-rows into an f32 [R, v]
-    scratch on the MXU.
+    into calls of at most DVALUES_TILES = SMEM_TABLE_BYTES / 4 − 1 tiles (2M rows);
+    per chunk of C = 64 sorted lookups the kernel DMAs an aligned metadata window (dY
+    row id l·G + g, target row, weight) HBM → SMEM, then the C dY rows (row pairs for
+    bf16) HBM → VMEM, builds the weighted one-hot [R, C] and accumulates
+    one-hot @ dY-rows into an f32 [R, v] scratch on the MXU.
   * d_weights (`lookup_dweights_tpu`): the forward's gather pipeline over token tiles;
     dY arrives as a VMEM block [TL, G, v]; per token S = dY[l] @ rows^T [G, K] and
     dw[l, k] = S[groups[l, k], k] (one-hot select). Output f32 [L, K].
@@ -369,7 +369,8 @@ def _dv_kernel(bounds_ref, dy_hbm, src_hbm, row_hbm, w_hbm, dv_ref,
 
 
 def lookup_dvalues_tpu(values, indices, weights, groups, d_out, *, interpret=False):
-  """d_values [N, v] (values' dtype) = Σ_{valid (l,k): idx=n} w[l,k]·d_out[l, groups[l,k]]."""
+  """d_values [N, v] (values' dtype) = Σ_{valid (l,k): idx = n} w[l,k]·d_out[l, g[l,k]]
+  (g = groups)."""
   n, v = values.shape
   l, k = indices.shape
   num_groups = d_out.shape[1]

@@ -348,3 +348,23 @@ def test_gpu_lowering(dtype):
   assert "num_warps = 4" in text
   for name in ("fwd", "dvalues", "dweights"):
     assert f"memory_lookup_{name}_gpu" in text
+
+
+# (N, v, L, K, G): v off the 128-lane grid, odd L·G (bf16 d_values pads dY by a row),
+# several token tiles and metadata windows.
+AOT_SHAPES = [(1024, 256, 64, 32, 1), (600, 96, 37, 12, 3)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", AOT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tpu_kernels_compile_for_v5e(dtype, shape):
+  """The real Mosaic compiler (libtpu AOT, one v5e chip): forward, d_values and
+  d_weights in f32 and bf16 — tile alignment of the row (pair) and metadata DMAs."""
+  from sparsejax import sharding
+  from tpu_aot import compile_for_tpu, tpu_devices
+  n, v, l, k, g = shape
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), tpu_devices("v5e:2x2")[:1])
+  args = (jax.ShapeDtypeStruct((n, v), dtype),) + _lowering_args(dtype, n, v, l, k, g)[1:]
+  compiled = compile_for_tpu(_fwd_bwd("tpu", g), *args, mesh=mesh)
+  for name in ("fwd", "dvalues", "dweights"):
+    assert f"memory_lookup_{name}_tpu" in compiled.hlo
