@@ -16,5 +16,5 @@ def get_config():
   config.model.update(memory="pkm", memory_layers="1:1,2:2")
   config.model.memory_options = dict(heads=2, knn=16, num_keys=85, kdim=32,
                                      value_lr_start=4.0, value_lr_decay_fraction=0.5,
-                                     impl="auto")
+                                     impl="auto", qk_norm="rmsnorm")
   return config

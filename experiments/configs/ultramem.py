@@ -23,5 +23,6 @@ def get_config():
       d_ff=256, memory="ultramem", memory_layers="0:2,1:3",
       memory_options=dict(heads=2, knn=16, num_keys=120, kdim=32, vdim=64, tucker_rank=2,
                           tucker_cores=2, value_expand=4, rank_loss_weight=0.0,
-                          value_lr_start=4.0, value_lr_decay_fraction=0.5, impl="auto"))
+                          value_lr_start=4.0, value_lr_decay_fraction=0.5, impl="auto",
+                          qk_norm="rmsnorm"))  # the released config's (or "layernorm")
   return config
