@@ -24,6 +24,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 EMPTY_LSE = -MASK_VALUE      # log-sum-exp of a row with no allowed key: exp(s - lse) = 0
 HIGHEST = lax.Precision.HIGHEST
 _NT = (((1,), (1,)), ((), ()))   # contract the last axes: a · bᵀ
+_TN = (((0,), (0,)), ((), ()))   # contract the first axes: aᵀ · b
 
 
 def default_backend() -> str:
@@ -43,14 +44,47 @@ def triton_params(num_warps: int, num_stages: int = 1) -> pltriton.CompilerParam
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def precision(a: jax.Array, b: jax.Array):
+  """HIGHEST for float32 operands (full-precision f32 matmul), None (the MXU's native
+  pass) when either is narrower: Mosaic rejects HIGHEST on bfloat16 ("Bad lhs type")."""
+  return HIGHEST if min(a.dtype.itemsize, b.dtype.itemsize) >= 4 else None
+
+
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b with float32 accumulation (HIGHEST precision)."""
-  return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+  """a @ b with float32 accumulation (HIGHEST precision for f32 operands)."""
+  return jnp.dot(a, b, precision=precision(a, b), preferred_element_type=jnp.float32)
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ bᵀ with float32 accumulation (HIGHEST precision), no explicit transpose."""
-  return lax.dot_general(a, b, _NT, precision=HIGHEST, preferred_element_type=jnp.float32)
+  """a @ bᵀ with float32 accumulation (HIGHEST for f32 operands), no explicit transpose."""
+  return lax.dot_general(a, b, _NT, precision=precision(a, b),
+                         preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """aᵀ @ b with float32 accumulation (HIGHEST for f32 operands), no explicit
+  transpose (as Pallas TPU flash attention's `trans_a` backward matmuls)."""
+  return lax.dot_general(a, b, _TN, precision=precision(a, b),
+                         preferred_element_type=jnp.float32)
+
+
+def largest_divisor(n: int, limit: int) -> int:
+  """The largest divisor of n that is <= max(1, limit)."""
+  return max(d for d in range(1, min(n, max(1, limit)) + 1) if n % d == 0)
+
+
+def map_chunks(fn, num_chunks: int):
+  """fn(i) for i < num_chunks stacked on a new leading axis (pytree): `lax.map`, so
+  the program holds one kernel launched num_chunks times; fn(0) directly (with the
+  leading axis added) when num_chunks == 1."""
+  if num_chunks == 1:
+    return jax.tree.map(lambda x: x[None], fn(jnp.int32(0)))
+  return lax.map(fn, jnp.arange(num_chunks, dtype=jnp.int32))
+
+
+def take(x: jax.Array, axis: int, index, size: int) -> jax.Array:
+  """x[..., index·size : (index + 1)·size, ...] along `axis` (index may be traced)."""
+  return lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
 
 def match_vma(*xs):

@@ -23,5 +23,5 @@ def get_config():
       attention_options=dict(block_len=16, stride=8, select_block=32, num_selected=2,
                              window=32, num_initial=1, num_local=2, shared_kv=False,
                              compress="mlp", compress_hidden=0, cmp_rope=True,
-                             window_impl="auto"))
+                             window_impl="auto", selection_impl="auto"))
   return config

@@ -51,10 +51,10 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._common import BACKENDS, default_backend
+from pallas_kernels._common import (BACKENDS, MASK_VALUE, SMEM_TABLE_BYTES,
+                                    default_backend, largest_divisor, map_chunks, take)
 from pallas_kernels.block_sparse_attention.gpu import (bsa_dkv_gpu, bsa_dq_gpu,
                                                        bsa_fwd_gpu)
-from pallas_kernels._common import MASK_VALUE
 from pallas_kernels.block_sparse_attention.tpu import bsa_dkv_tpu, bsa_dq_tpu, bsa_fwd_tpu
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -129,10 +129,99 @@ def _slot_tables(blocks, counts, kind, pidx):
   return skind, smask.astype(jnp.int32)
 
 
+def tpu_chunks(hq: int, hkv: int, hm: int, rows: int, slots: int,
+               budget: int = SMEM_TABLE_BYTES) -> tuple[int, int]:
+  """(query heads hc, table rows rc) per TPU call so that its scalar-prefetched tables,
+  3 int32 [hm_c, rc, slots] (hm_c = 1 or hc), take <= `budget` bytes (when possible:
+  at least one GQA group of G heads and one row per call).
+
+  rows/slots: nq/M for the forward and dq (kv blocks per q block), nkv/Mt for dk/dv.
+  A shared mask (hm = 1) keeps all heads; a per-head mask splits heads by GQA groups.
+  """
+  per_row = 12 * slots
+  if hm == 1:
+    return hq, largest_divisor(rows, budget // per_row)
+  g = hq // hkv
+  hc = g * largest_divisor(hkv, budget // (per_row * g))
+  return hc, largest_divisor(rows, budget // (per_row * hc))
+
+
+def tpu_footprint(*, hq: int, hkv: int, hm: int, nq: int, nkv: int, m: int, mt: int,
+                  block_q: int, block_kv: int, d: int, dv: int, itemsize: int,
+                  budget: int = SMEM_TABLE_BYTES) -> dict[str, int]:
+  """Bytes of one TPU call after `tpu_chunks`: scalar-prefetch SMEM of the forward/dq
+  and of the dk/dv call, and VMEM of each kernel (double-buffered blocks, f32 scratch;
+  [rows, 1] f32 columns pad to 128 lanes). Formulas in tpu.py's docstring."""
+  hc, rc = tpu_chunks(hq, hkv, hm, nq, m, budget)
+  hct, rct = tpu_chunks(hq, hkv, hm, nkv, mt, budget)
+  bq, bkv, b = block_q, block_kv, itemsize
+  col = 128 * 4                                   # a [rows, 1] f32 VMEM column per row
+  tile = bq * bkv * 4
+  fwd = 2 * (bq * d * b + bkv * (d + dv) * b + tile + bq * dv * b + bq * col) \
+      + 2 * bq * col + bq * dv * 4
+  dq = 2 * (bq * (d + dv) * b + bkv * (d + dv) * b + 2 * bq * col + tile + bq * d * b) \
+      + bq * d * 4
+  dkv = 2 * (bq * (d + dv) * b + bkv * (d + dv) * b + 2 * bq * col + tile
+             + bkv * (d + dv) * b) + bkv * (d + dv) * 4
+  return dict(smem_fwd=12 * (hc if hm > 1 else 1) * rc * m,
+              smem_dkv=12 * (hct if hm > 1 else 1) * rct * mt,
+              vmem_fwd=fwd, vmem_dq=dq, vmem_dkv=dkv)
+
+
+def _tpu_fwd(fwd, q, k, v, tables, tiles, interpret, budget, **kw):
+  """The TPU forward (or dq, with `fwd` = partial of bsa_dq_tpu over (d_out, lse, di)
+  in `q`'s tuple) split by `tpu_chunks`: chunk (hi, ri) runs q heads
+  [hi·hc, (hi+1)·hc) and q blocks [ri·rc, (ri+1)·rc) (their kv heads and table slices)."""
+  qs = q if isinstance(q, tuple) else (q,)
+  b, hq, t, _ = qs[0].shape
+  hkv, g = k.shape[1], hq // k.shape[1]
+  hm, nq, m = tables[0].shape
+  hc, rc = tpu_chunks(hq, hkv, hm, nq, m, budget)
+  nh, nr = hq // hc, nq // rc
+  tc = rc * kw["block_q"]
+
+  def one(i):
+    hi, ri = i // nr, i % nr
+    xs = [take(take(x, 1, hi, hc), 2, ri, tc) for x in qs]
+    ks = [take(x, 1, hi, hc // g) for x in (k, v)]
+    tabs = [take(x if hm == 1 else take(x, 0, hi, hc), 1, ri, rc) for x in tables]
+    return fwd(*xs, *ks, *tabs, tiles, interpret=interpret, **kw)
+
+  def unchunk(o):   # [nh·nr, B, hc, tc, X] -> [B, Hq, T, X]
+    o = o.reshape(nh, nr, b, hc, tc, o.shape[-1])
+    return o.transpose(2, 0, 3, 1, 4, 5).reshape(b, hq, t, o.shape[-1])
+
+  return jax.tree.map(unchunk, map_chunks(one, nh * nr))
+
+
+def _tpu_dkv(q, k, v, d_out, lse, di, tables, tiles, interpret, budget, **kw):
+  """bsa_dkv_tpu split by `tpu_chunks` over (q-head groups, kv-block rows)."""
+  b, hq, t, _ = q.shape
+  hkv, s, g = k.shape[1], k.shape[2], hq // k.shape[1]
+  hm, nkv, mt = tables[0].shape
+  hc, rc = tpu_chunks(hq, hkv, hm, nkv, mt, budget)
+  nh, nr = hq // hc, nkv // rc
+  sc = rc * kw["block_kv"]
+
+  def one(i):
+    hi, ri = i // nr, i % nr
+    xs = [take(x, 1, hi, hc) for x in (q, d_out, lse, di)]
+    ks = [take(take(x, 1, hi, hc // g), 2, ri, sc) for x in (k, v)]
+    tabs = [take(x if hm == 1 else take(x, 0, hi, hc), 1, ri, rc) for x in tables]
+    return bsa_dkv_tpu(xs[0], *ks, *xs[1:], *tabs, tiles, interpret=interpret, **kw)
+
+  def unchunk(o):   # [nh·nr, B, hc/G, sc, X] -> [B, Hkv, S, X]
+    o = o.reshape(nh, nr, b, hc // g, sc, o.shape[-1])
+    return o.transpose(2, 0, 3, 1, 4, 5).reshape(b, hkv, s, o.shape[-1])
+
+  return jax.tree.map(unchunk, map_chunks(one, nh * nr))
+
+
 def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
                                   partial_masks, partial_index, q_blocks, q_counts, *,
                                   scale: float, block_q: int, block_kv: int,
-                                  interpret=False, backend: str | None = None):
+                                  interpret=False, backend: str | None = None,
+                                  smem_table_bytes: int = SMEM_TABLE_BYTES):
   """Block-sparse attention, differentiable in q, k, v (see the module docstring).
 
   Args:
@@ -145,6 +234,8 @@ def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
       two >= 16, as are D and Dv).
     interpret: interpret mode for CPU tests (True, or a `pltpu.InterpretParams`).
     backend: "tpu" or "gpu"; default by `jax.default_backend()`.
+    smem_table_bytes: TPU: most bytes of scalar-prefetched tables per pallas_call;
+      longer tables are split into several calls (`tpu_chunks`).
 
   Returns:
     out [B, Hq, T, Dv] in q.dtype.
@@ -170,27 +261,45 @@ def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
   bwd_tables = (q_blocks, q_counts, tkind, tmask)
   kw = dict(scale=float(scale), block_q=block_q, block_kv=block_kv)
   if backend == "tpu":
-    fwd, dq_fn, dkv_fn = bsa_fwd_tpu, bsa_dq_tpu, bsa_dkv_tpu
+    def fwd(q, k, v, tables, tiles):
+      return _tpu_fwd(bsa_fwd_tpu, q, k, v, tables, tiles, interpret, smem_table_bytes,
+                      **kw)
+
+    def dq_fn(q, k, v, d_out, lse, di, tables, tiles):
+      def call(q, d_out, lse, di, k, v, *rest, **kw):
+        return bsa_dq_tpu(q, k, v, d_out, lse, di, *rest, **kw)
+      return _tpu_fwd(call, (q, d_out, lse, di), k, v, tables, tiles, interpret,
+                      smem_table_bytes, **kw)
+
+    def dkv_fn(q, k, v, d_out, lse, di, tables, tiles):
+      return _tpu_dkv(q, k, v, d_out, lse, di, tables, tiles, interpret,
+                      smem_table_bytes, **kw)
   else:
-    fwd, dq_fn, dkv_fn = bsa_fwd_gpu, bsa_dq_gpu, bsa_dkv_gpu
-    interpret = bool(interpret)
+    def fwd(q, k, v, tables, tiles):
+      return bsa_fwd_gpu(q, k, v, *tables, tiles, interpret=bool(interpret), **kw)
+
+    def dq_fn(q, k, v, d_out, lse, di, tables, tiles):
+      return bsa_dq_gpu(q, k, v, d_out, lse, di, *tables, tiles,
+                        interpret=bool(interpret), **kw)
+
+    def dkv_fn(q, k, v, d_out, lse, di, tables, tiles):
+      return bsa_dkv_gpu(q, k, v, d_out, lse, di, *tables, tiles,
+                         interpret=bool(interpret), **kw)
 
   @jax.custom_vjp
   def attn(q, k, v, tables):
-    return fwd(q, k, v, *tables[0], tables[2], interpret=interpret, **kw)[0]
+    return fwd(q, k, v, tables[0], tables[2])[0]
 
   def attn_fwd(q, k, v, tables):
-    out, lse = fwd(q, k, v, *tables[0], tables[2], interpret=interpret, **kw)
+    out, lse = fwd(q, k, v, tables[0], tables[2])
     return out, (q, k, v, out, lse, tables)
 
   def attn_bwd(res, d_out):
     q, k, v, out, lse, tables = res
     di = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
-    dq = dq_fn(q, k, v, d_out, lse, di, *tables[0], tables[2], interpret=interpret,
-               **kw)
-    dk, dv = dkv_fn(q, k, v, d_out, lse, di, *tables[1], tables[2],
-                    interpret=interpret, **kw)
+    dq = dq_fn(q, k, v, d_out, lse, di, tables[0], tables[2])
+    dk, dv = dkv_fn(q, k, v, d_out, lse, di, tables[1], tables[2])
     return dq, dk, dv, None            # the integer tables get no cotangent
 
   attn.defvjp(attn_fwd, attn_bwd)

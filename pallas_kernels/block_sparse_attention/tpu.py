@@ -26,6 +26,26 @@ the GQA group sum happens in the f32 scratch (written once per kv block).
 Roofline: see the package docstring (FLOPs 2·B·Hq·nnz·(D + Dv) forward, ≈ 2.5× that
 backward; K/V re-read once per visited (q block, q head); block efficiency
 nnz / (visited · bq · bkv)). Mask tiles cost ≤ bq·bkv·4 bytes per change of tile.
+
+Limits per pallas_call (`tpu_footprint` in the package computes them; tested at 32k and
+128k context). Chips: SMEM ~1 MiB per TensorCore (v4, v5e, v5p, v6e); VMEM 16 MiB
+(v5e) / 32 MiB (v6e) default scoped limit, 128 MiB physical (v5e/v6e).
+  SMEM (scalar prefetch): 3 int32 tables [Hm_c, rc, M] = 12·Hm_c·rc·M bytes (forward,
+    dq; M = most kv blocks of a q block) and 12·Hm_c·rc·Mt (dk/dv). Unsplit, causal 32k
+    at 128-blocks is 768 KiB and 128k is 12 MiB, so the package splits the grid
+    (`tpu_chunks`: rows of q blocks — kv blocks for dk/dv — and, for per-head masks,
+    GQA groups of heads; one call per chunk inside a `lax.map`) to stay within
+    `SMEM_TABLE_BYTES` = 256 KiB. Floor: one row of one group, 12·G·M bytes (per-head
+    masks) or 12·M (shared), e.g. M ≤ 1365 kv blocks at G = 16.
+  VMEM (b = itemsize; inputs/outputs double-buffered; a [bq, 1] f32 column pads to
+    128 lanes = 512·bq bytes; tile = 4·bq·bkv):
+      fwd  2·(bq·D·b + bkv·(D+Dv)·b + tile + bq·Dv·b + 512·bq) + 1024·bq + 4·bq·Dv
+      dq   2·(bq·(D+Dv)·b + bkv·(D+Dv)·b + 1024·bq + tile + bq·D·b) + 4·bq·D
+      dkv  2·(bq·(D+Dv)·b + 2·bkv·(D+Dv)·b + 1024·bq + tile) + 4·bkv·(D+Dv)
+    (bq = bkv = 128, D = Dv = 128, bf16: 0.69 / 0.75 / 0.88 MiB), independent of T.
+Constraints: float32 / bfloat16 q, k, v; bq, bkv multiples of 8 (16 for bfloat16) or
+the whole sequence. Matmuls accumulate in f32, at HIGHEST precision for f32 operands
+and the MXU's native precision for bf16 (Mosaic rejects HIGHEST on bf16).
 """
 
 from __future__ import annotations
@@ -38,7 +58,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt,
+from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt, dot_tn,
                                     interpret_params)
 
 FULL, PARTIAL = 2, 1
@@ -226,9 +246,9 @@ def _dkv_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_re
   def update(masked):
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     p = _probs(q, k, lse_ref[0, 0], pm_ref, scale, masked)           # [bq, bkv]
-    dv_sc[...] += dot(p.astype(do.dtype).T, do)
+    dv_sc[...] += dot_tn(p.astype(do.dtype), do)
     ds = p * (dot_nt(do, v) - di_ref[0, 0])
-    dk_sc[...] += dot(ds.astype(q.dtype).T, q)
+    dk_sc[...] += dot_tn(ds.astype(q.dtype), q)
 
   pl.when(kind == FULL)(lambda: update(False))
   pl.when(kind == PARTIAL)(lambda: update(True))

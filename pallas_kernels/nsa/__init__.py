@@ -15,7 +15,8 @@ bool/int [B, T, Hkv, n] (shared by the G = Hq/Hkv query heads of a group). Query
 positions: `q_positions` int [B, T] (default 0..T−1, training) — decode offsets and
 arbitrary positions are supported by both backends (every mask is relative to pos).
 Valid block ids must be distinct per (token, kv head) (as `select_blocks` returns);
-ids outside [0, ⌈S/l'⌉) are treated as invalid. S need not be a multiple of l' (K/V
+a slot whose id is negative (padding) or >= ⌈S/l'⌉ contributes nothing, exactly like
+an invalid one (never clamped or wrapped), on both backends. S need not be a multiple of l' (K/V
 are zero-padded, padded keys are masked by s < S).
 
 Backends (see `tpu.py` / `gpu.py` for the kernels and their rooflines):
@@ -26,9 +27,10 @@ Backends (see `tpu.py` / `gpu.py` for the kernels and their rooflines):
   * tpu — query-tile union: tiles of Tq tokens × G heads (R = Tq·G rows); the sorted
     union of the tile's selected blocks is built in XLA (scatter into a
     [nT, ns] bool matrix → CSR padded by repeating the last entry) and
-    scalar-prefetched; grid (B, Hkv, nT, M) with `pl.when` skipping padded steps; a
-    per-row selection mask + causality inside the tile. dq over the same tables, dk/dv
-    over the transposed union (kv block → tiles).
+    scalar-prefetched; grid (B·Hkv, 1, nT, M) with `pl.when` skipping padded steps;
+    a per-row selection mask + causality inside the tile. dq over the same tables,
+    dk/dv over the transposed union (kv block → tiles). Tables longer than
+    `SMEM_TABLE_BYTES` are split over several calls (`tpu_chunks`, `tpu_footprint`).
 
 Backward (`jax.custom_vjp`): the forward saves out and LSE; di = Σ(do·out) in XLA; the
 dq and dk/dv kernels recompute p = exp(s − LSE). The integer tables get no cotangent.
@@ -49,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._common import BACKENDS, default_backend
+from pallas_kernels._common import (BACKENDS, EMPTY_LSE, MASK_VALUE, SMEM_TABLE_BYTES,
+                                    default_backend, largest_divisor, map_chunks, take)
 from pallas_kernels.nsa.gpu import nsa_dkv_gpu, nsa_dq_gpu, nsa_fwd_gpu
-from pallas_kernels._common import EMPTY_LSE, MASK_VALUE
 from pallas_kernels.nsa.tpu import nsa_dkv_tpu, nsa_dq_tpu, nsa_fwd_tpu
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -61,13 +63,47 @@ def _pow2(n: int) -> bool:
   return n >= 1 and not n & (n - 1)
 
 
-def default_block_q(t: int, g: int) -> int:
+def default_block_q(t: int, g: int, sublanes: int = 8) -> int:
   """TPU tile tokens Tq: the largest divisor of T with Tq·G ≤ max(128, G) and Tq·G a
-  multiple of 8 (Mosaic sublane tiling), else T."""
+  multiple of `sublanes` (Mosaic tiling: 8 rows for float32, 16 for bfloat16), else T."""
   for tq in range(t, 0, -1):
-    if t % tq == 0 and tq * g <= max(128, g) and (tq * g) % 8 == 0:
+    if t % tq == 0 and tq * g <= max(128, g) and (tq * g) % sublanes == 0:
       return tq
   return t
+
+
+def tpu_chunks(bc: int, rows: int, slots: int,
+               budget: int = SMEM_TABLE_BYTES) -> tuple[int, int]:
+  """((batch · kv head) pairs, table rows) per TPU call so that its scalar-prefetched
+  tables, int32 [bc_c, rows_c, slots] + counts [bc_c, rows_c], take <= `budget` bytes
+  (at least one pair and one row per call). rows/slots: nT/M for the forward and dq,
+  ns/nT for dk/dv."""
+  per_row = 4 * (slots + 1)
+  rc = largest_divisor(rows, budget // per_row)
+  return largest_divisor(bc, budget // (per_row * rc)), rc
+
+
+def tpu_footprint(*, b: int, t: int, s: int, hq: int, hkv: int, n: int, d: int, dv: int,
+                  select_block: int, itemsize: int, block_q: int | None = None,
+                  budget: int = SMEM_TABLE_BYTES) -> dict[str, int]:
+  """Bytes of one TPU call after `tpu_chunks` for worst-case tables (M = min(ns, Tq·n)
+  union slots, Mt = nT): scalar-prefetch SMEM of the forward/dq and of the dk/dv call,
+  and VMEM of each kernel (double-buffered blocks, f32 scratch; [R, 1] and [R, n]
+  int32/f32 blocks pad to 128 lanes). Formulas in tpu.py's docstring."""
+  g, lsel = hq // hkv, select_block
+  tq = default_block_q(t, g, 8 * max(1, 4 // itemsize)) if block_q is None else block_q
+  nt, ns, r = t // tq, -(-s // lsel), tq * g
+  m = max(1, min(ns, tq * n))
+  bcc, rc = tpu_chunks(b * hkv, nt, m, budget)
+  bcd, rd = tpu_chunks(b * hkv, ns, nt, budget)
+  lane = 128 * 4                              # a VMEM row of < 128 lanes pads to 128
+  kv = lsel * (d + dv) * itemsize
+  fwd = 2 * (r * d * itemsize + kv + 2 * r * lane + r * dv * itemsize + r * lane) \
+      + 2 * r * lane + r * dv * 4
+  dq = 2 * (r * (d + dv) * itemsize + kv + 4 * r * lane + r * d * itemsize) + r * d * 4
+  dkv = 2 * (r * (d + dv) * itemsize + kv + 4 * r * lane + kv) + lsel * (d + dv) * 4
+  return dict(smem_fwd=4 * bcc * rc * (m + 1), smem_dkv=4 * bcd * rd * (nt + 1),
+              vmem_fwd=fwd, vmem_dq=dq, vmem_dkv=dkv)
 
 
 def _check(q, k, v, block_idx, valid, select_block, block_q, backend):
@@ -171,7 +207,8 @@ def inverse_csr(sel_btc: jax.Array, num_blocks: int):
 def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
                          scale: float | None = None, q_positions=None,
                          block_q: int | None = None, interpret=False,
-                         backend: str | None = None, num_warps: int = 4):
+                         backend: str | None = None, num_warps: int = 4,
+                         smem_table_bytes: int = SMEM_TABLE_BYTES):
   """NSA selection-branch attention, differentiable in q, k, v (module docstring).
 
   Args:
@@ -184,6 +221,8 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     interpret: interpret mode for CPU tests (True, or a `pltpu.InterpretParams`).
     backend: "tpu" or "gpu"; default by `jax.default_backend()`.
     num_warps: Triton warps (GPU).
+    smem_table_bytes: TPU: most bytes of scalar-prefetched tables per pallas_call;
+      longer tables are split into several calls (`tpu_chunks`).
 
   Returns:
     out [B, T, Hq, Dv] in q.dtype.
@@ -214,27 +253,66 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
   kw = dict(scale=scale, select_block=lsel, seq_len=s_len)
 
   if backend == "tpu":
-    tq = default_block_q(t, g) if block_q is None else block_q
-    rows = tq * g
+    tq = default_block_q(t, g, 8 * max(1, 4 // q.dtype.itemsize)) \
+        if block_q is None else block_q
+    rows, bc, nt = tq * g, b * hkv, t // tq
     sel_bct = jnp.swapaxes(sel, 1, 2)                                  # [B,Hkv,T,n]
     _, fwd_t, bwd_t = union_tables(sel_bct, ns, tq)
-    tables = (jnp.repeat(sel_bct, g, axis=2), jnp.repeat(pos, g, axis=1)[..., None],
-              fwd_t, bwd_t)
+    flat = lambda x: x.reshape(bc, 1, *x.shape[2:])    # (b, c) pairs as the batch axis
+    # s ≤ min(pos, S − 1) is "s ≤ pos and s < S": the dk/dv chunks shift positions.
+    pos_rows = jnp.repeat(jnp.minimum(pos, s_len - 1), g, axis=1)[..., None]
+    tables = (flat(jnp.repeat(sel_bct, g, axis=2)), jnp.repeat(pos_rows, hkv, axis=0),
+              tuple(map(flat, fwd_t)), tuple(map(flat, bwd_t)))
     kw.update(block_rows=rows, interpret=interpret)
+    kh, vh = flat(kh), flat(vh)
 
-    def to_kernel(q):   # [B, T, Hq, D] -> [B, Hkv, T·G, D]
-      return q.reshape(b, t, hkv, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, -1)
+    def to_kernel(q):   # [B, T, Hq, D] -> [B·Hkv, 1, T·G, D]
+      q = q.reshape(b, t, hkv, g, -1).transpose(0, 2, 1, 3, 4)
+      return q.reshape(bc, 1, t * g, -1)
 
     def from_kernel(o):
       return o.reshape(b, hkv, t, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, -1)
 
+    def unchunk(o, nb, nr):  # [nb·nr, bc_c, 1, L, X] -> [B·Hkv, 1, nr·L, X]
+      o = o.reshape(nb, nr, o.shape[1], 1, o.shape[3], o.shape[4])
+      return o.transpose(0, 2, 3, 1, 4, 5).reshape(bc, 1, nr * o.shape[4], o.shape[5])
+
+    def by_tiles(call, xs, k, v, tab):
+      """call(*xs, k, v, sel, pos, blocks, counts) over (pair, tile) chunks."""
+      sel_r, pos_r, (blocks, counts), _ = tab
+      bcc, rc = tpu_chunks(bc, nt, blocks.shape[3], smem_table_bytes)
+      nb, nr = bc // bcc, nt // rc
+
+      def one(i):
+        bi, ri = i // nr, i % nr
+        part = [take(take(x, 0, bi, bcc), 2, ri, rc * rows) for x in (*xs, sel_r)]
+        kvs = [take(x, 0, bi, bcc) for x in (k, v)]
+        tabs = [take(take(x, 0, bi, bcc), 2, ri, rc) for x in (blocks, counts)]
+        return call(*part[:-1], *kvs, part[-1],
+                    take(take(pos_r, 0, bi, bcc), 1, ri, rc * rows), *tabs)
+      return jax.tree.map(lambda o: unchunk(o, nb, nr), map_chunks(one, nb * nr))
+
     def fwd(q, k, v, tab):
-      return nsa_fwd_tpu(q, k, v, tab[0], tab[1], *tab[2], **kw)
+      return by_tiles(lambda q, k, v, *r: nsa_fwd_tpu(q, k, v, *r, **kw), (q,), k, v, tab)
 
     def bwd(q, k, v, do, lse, di, tab):
-      dq = nsa_dq_tpu(q, k, v, do, lse, di[..., None], tab[0], tab[1], *tab[2], **kw)
-      dk, dv = nsa_dkv_tpu(q, k, v, do, lse, di[..., None], tab[0], tab[1], *tab[3],
-                           **kw)
+      dq = by_tiles(lambda q, do, lse, di, k, v, *r: nsa_dq_tpu(q, k, v, do, lse, di, *r,
+                                                                **kw),
+                    (q, do, lse, di[..., None]), k, v, tab)
+      sel_r, pos_r, _, (tiles, counts) = tab
+      bcc, rc = tpu_chunks(bc, ns, tiles.shape[3], smem_table_bytes)
+      nb, nr = bc // bcc, ns // rc
+
+      def one(i):   # kv blocks [ri·rc, (ri+1)·rc): block ids and positions shifted
+        bi, ri = i // nr, i % nr
+        xs = [take(x, 0, bi, bcc) for x in (q, do, lse, di[..., None])]
+        kvs = [take(take(x, 0, bi, bcc), 2, ri, rc * lsel) for x in (k, v)]
+        sel_c = take(sel_r, 0, bi, bcc)
+        sel_c = jnp.where(sel_c >= 0, sel_c - ri * rc, -1)
+        pos_c = take(pos_r, 0, bi, bcc) - ri * rc * lsel
+        tabs = [take(take(x, 0, bi, bcc), 2, ri, rc) for x in (tiles, counts)]
+        return nsa_dkv_tpu(xs[0], *kvs, *xs[1:], sel_c, pos_c, *tabs, **kw)
+      dk, dv = jax.tree.map(lambda o: unchunk(o, nb, nr), map_chunks(one, nb * nr))
       return dq, dk, dv
   else:
     gp = max(16, 1 << (g - 1).bit_length())

@@ -1,7 +1,8 @@
 """NSA selection branch: TPU (Mosaic) kernels (forward, dq, dk/dv) — query-tile union.
 
 Layout (built by the package wrapper): the G query heads of a kv group are folded into
-the row axis, row r = t·G + g of a tile of Tq tokens, so one tile is R = Tq·G matmul rows:
+the row axis, row r = t·G + g of a tile of Tq tokens, so one tile is R = Tq·G matmul rows
+(the wrapper also folds the (batch, kv head) pairs into B and passes Hkv = 1):
     q [B, Hkv, T·G, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (S a multiple of l'),
     sel [B, Hkv, T·G, n] int32 selected block ids per row (-1 for an invalid slot),
     pos [B, T·G, 1] int32 query position per row.
@@ -33,6 +34,30 @@ achieved is (Σ_i Σ_{t in tile i} n_t)/U = average number of tile tokens that s
 visited block (1 … Tq; NSA's forced initial and local blocks are shared by every token
 of a tile, so ≥ 3 of the n blocks are fully reused), and the executed/useful ratio
 (wasted rows) is Tq·U/Σ n_t. Backward ≈ 2.5× forward FLOPs, same tables.
+
+Limits per pallas_call (the package's `tpu_footprint` computes them; tested at 32k and
+128k context). Chips: SMEM ~1 MiB per TensorCore (v4, v5e, v5p, v6e); VMEM 16 MiB
+(v5e) / 32 MiB (v6e) default scoped limit, 128 MiB physical.
+  SMEM (scalar prefetch, int32): forward/dq blocks + counts = 4·P·nT_c·(M + 1) bytes,
+    dk/dv tiles + counts = 4·P·ns_c·(nT + 1), for P (batch, kv head) pairs per call.
+    Unsplit they grow with T (B = 1, Hq 64, Hkv 4, n 16, l' 64, Tq·G = 128: forward
+    2 MiB at 8k, 8 MiB at 32k; dk/dv 32 MiB at 32k), so the package runs the kernels on
+    (b, c) pairs folded into the batch axis and splits the grid into chunks of pairs ×
+    rows (`tpu_chunks`; one call per chunk inside a `lax.map`; dk/dv chunks shift
+    block ids and positions to the chunk) to stay within `SMEM_TABLE_BYTES` = 256 KiB.
+    Floor: one row, 4·(M + 1) and 4·(nT + 1) bytes (nT ≤ 65535 tiles).
+  VMEM (b = itemsize; R = Tq·G rows; inputs/outputs double-buffered; [R, 1] and [R, n]
+    blocks pad to 128 lanes = 512·R bytes; kv = l'·(D + Dv)·b):
+      fwd  2·(R·D·b + kv + 1024·R + R·Dv·b + 512·R) + 1024·R + 4·R·Dv
+      dq   2·(R·(D+Dv)·b + kv + 2048·R + R·D·b) + 4·R·D
+      dkv  2·(R·(D+Dv)·b + 2·kv + 2048·R) + 4·l'·(D+Dv)
+    (R = 128, l' = 64, D = Dv = 128, bf16: 0.75 / 0.81 / 0.81 MiB), independent of T.
+  Grid steps: dk/dv visits ns·nT (block, tile) slots per pair and skips the empty ones
+    with `pl.when` (~0.35 µs each on TPU): 2M slots per pair at 32k — the dk/dv kernel's
+    fixed cost at long context (a flat list of the U visited pairs would remove it).
+Constraints: float32 / bfloat16; R and l' multiples of 8 (16 for bfloat16) unless they
+cover the whole axis. Matmuls accumulate in f32, at HIGHEST precision for f32 operands
+and the MXU's native precision for bf16 (Mosaic rejects HIGHEST on bf16).
 """
 
 from __future__ import annotations
@@ -45,7 +70,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt,
+from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt, dot_tn,
                                     interpret_params)
 
 
@@ -218,9 +243,9 @@ def _dkv_kernel(tile_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
     allowed = _allowed(sel_ref[0, 0], pos_ref[0], j, lsel, s_len)
     p = _probs(q, k, lse_ref[0, 0], allowed, scale)                  # [R, l']
-    dv_sc[...] += dot(p.astype(do.dtype).T, do)
+    dv_sc[...] += dot_tn(p.astype(do.dtype), do)
     ds = p * (dot_nt(do, v) - di_ref[0, 0])
-    dk_sc[...] += dot(ds.astype(q.dtype).T, q)
+    dk_sc[...] += dot_tn(ds.astype(q.dtype), q)
 
   @pl.when(u == m_slots - 1)
   def _finish():

@@ -10,8 +10,10 @@ Patterns (all causal; `sparsejax.ops.masks`): "causal"; "local" (the last `windo
 keys incl. itself); "local_global" (local plus the first `num_global` sink tokens);
 "strided" (Sparse Transformer: the last `window` keys plus every `stride`-th earlier
 key); "chunked" (causal within chunks of `window`). Training and prefill run the
-block-sparse op (empty blocks skipped); cached decoding applies the same mask's
-predicate to the absolute positions, so generation sees exactly the trained pattern.
+block-sparse op (empty blocks skipped; blocks shrink to gcd(T, block) when they do not
+tile T; its kernels run inside `jax.shard_map` under a multi-device mesh); cached
+decoding applies the same mask's predicate to the absolute positions, so generation
+sees exactly the trained pattern.
 """
 
 from __future__ import annotations
@@ -149,8 +151,17 @@ class Attention(nn.Module):
     if self.options is None:
       return attention_ops.causal_attention(q, k, v)
     opt, t = self.options, q.shape[1]
-    return block_sparse_attention(q, k, v, opt.mask(), block_q=min(opt.block_q, t),
-                                  block_kv=min(opt.block_kv, t), impl=opt.impl)
+    return block_sparse_attention(q, k, v, opt.mask(), block_q=fit_block(opt.block_q, t),
+                                  block_kv=fit_block(opt.block_kv, t), impl=opt.impl)
+
+
+def fit_block(block: int, t: int) -> int:
+  """The configured block when it tiles T (clamped to T), else gcd(T, block), so any
+  sequence length runs (a kernel that cannot take the smaller block falls back to XLA
+  under impl="auto")."""
+  if t == 0 or t % min(block, t) == 0:
+    return min(block, t) if t else block
+  return math.gcd(t, block)
 
 
 @registry.register("attention", "mha")

@@ -4,6 +4,11 @@
     config.model.attention_options = dict(block_len=32, stride=16, select_block=64,
                                           num_selected=16, window=512)
 
+Kernels: `window_impl` and `selection_impl` ("auto" | "xla" | "pallas" | "interpret",
+set from `config.model.kernel_impl` when left at "auto") choose the window branch's
+block-sparse kernel and the selection branch's NSA kernel; under a multi-device mesh
+they run inside `jax.shard_map` (batch over data/fsdp, heads over tensor).
+
 Per block: q projection; K/V projections per branch (compression, selection, window) or
 one shared pair (`shared_kv=True`, as in the fla reference); gates g = sigmoid(x · W_g)
 per query head and branch; output projection.
@@ -48,7 +53,7 @@ BRANCHES = ("cmp", "slc", "win")
 @dataclasses.dataclass(frozen=True)
 class NSAOptions:
   """Options of the "nsa" attention (`config.model.attention_options`)."""
-  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("window_impl",)
+  KERNEL_IMPL_FIELDS: ClassVar[tuple[str, ...]] = ("window_impl", "selection_impl")
   block_len: int = 32        # l: compression block length
   stride: int = 16           # d: compression stride (<= block_len)
   select_block: int = 64     # l': selection block size
@@ -60,7 +65,8 @@ class NSAOptions:
   compress: str = "mlp"      # φ: "mlp" (MLP + intra-block position emb.) or "mean"
   compress_hidden: int = 0   # φ MLP hidden width (0: 4 · head_dim)
   cmp_rope: bool = True      # RoPE the compressed keys at their block's last position
-  window_impl: str = "auto"  # training-path window branch: block_sparse_attention impl
+  window_impl: str = "auto"  # window branch (training): block_sparse_attention impl
+  selection_impl: str = "auto"  # selection branch: selected_attention impl (NSA kernel)
 
   def validate(self, prefix: str = "config.model.attention_options") -> None:
     for name in ("block_len", "stride", "select_block", "num_selected", "window"):
@@ -70,7 +76,8 @@ class NSAOptions:
     check(self.stride <= self.block_len, f"{prefix}.stride", self.stride,
           f"<= block_len={self.block_len}")
     check_choice(f"{prefix}.compress", self.compress, COMPRESS)
-    check_choice(f"{prefix}.window_impl", self.window_impl, (*IMPLS, "reference"))
+    for name in self.KERNEL_IMPL_FIELDS:
+      check_choice(f"{prefix}.{name}", getattr(self, name), IMPLS)
 
 
 class NSAttention(nn.Module):
@@ -131,7 +138,7 @@ class NSAttention(nn.Module):
         select_block=opt.select_block, num_selected=opt.num_selected, window=opt.window,
         num_initial=opt.num_initial, num_local=opt.num_local,
         cmp_rope_theta=cfg.rope_theta if opt.cmp_rope else None, q_positions=q_positions,
-        window_impl=opt.window_impl)
+        window_impl=opt.window_impl, selection_impl=opt.selection_impl)
     return linear((cfg.d_model,), ("heads", "head_dim", "embed"), contract_dims=2,
                   init_std=output_init_std(cfg), name="o_proj")(out.astype(x.dtype))
 

@@ -44,10 +44,25 @@ Decoding cost (`nsa_decode_tokens`): ⌊(s − l)/d⌋ + n·l' + w tokens per st
 Table 4 with l=32, d=16, n=16, l'=64, w=512: 8k → 2048 tokens, 4.0×; 16k → 2560,
 6.4×; 32k → 3584, 9.1×; 64k → 5632, 11.6× fewer than full attention's s).
 
-This is the reference implementation: the selection branch gathers [B, T, Hkv, n·l', D]
-keys and values (memory O(T · n · l') per kv head). `selected_attention(impl=...)` /
-`nsa_attention(selection_impl=...)` dispatch to the Pallas kernels of
-`pallas_kernels.nsa` (TPU query-tile union, GPU group-centric), default "xla".
+Implementations (`sparsejax.ops.dispatch`; "auto" picks the kernel on TPU/GPU when
+its shape constraints hold, else XLA with one warning): the selection branch's XLA path
+gathers [B, T, Hkv, n·l', D] keys and values (memory O(T · n · l') per kv head);
+`selected_attention(impl=...)` / `nsa_attention(selection_impl=...)` run the Pallas
+kernels of `pallas_kernels.nsa` (TPU query-tile union, GPU group-centric). The window
+branch (`window_impl`) runs `block_sparse_attention` with a local mask in training
+(XLA block gather or its kernels); decoding uses the dense masked
+`window_attention_reference`. Kernels run inside `jax.shard_map` under a multi-device
+mesh (`sparse_attention.shard_kernel`: batch over data/fsdp/expert, heads over tensor).
+
+Invalid selected blocks. `selected_attention` follows the library's one index rule: a
+slot whose block id is negative (padding, as in the fla reference) or >= ⌈S/l'⌉
+contributes nothing — exactly as if it were not valid — in the XLA path and both
+kernels, never clamped to a real block or wrapped around; `check_indices=True` adds a
+`checkify` check instead (wrap the caller in `jax.experimental.checkify.checkify`).
+
+Short sequences: with S < l there is no compressed block; the compression branch then
+gives 0 and every selection score is 0 (only the forced blocks are selected), in
+training and in cached decoding. T = 0 gives an empty output.
 """
 
 from __future__ import annotations
@@ -59,12 +74,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from sparsejax.ops import attention as attention_ops
 from sparsejax.ops import masks as masks_lib
-from sparsejax.ops.dispatch import kernel_platform, resolve_impl
-from sparsejax.ops.sparse_attention import (MASK_VALUE, _masked_softmax_av,
-                                            block_sparse_attention)
+from sparsejax.ops.dispatch import check_impl, kernel_platform, resolve_impl
+from sparsejax.ops.sparse_attention import (KERNEL_DTYPES, MASK_VALUE, _masked_softmax_av,
+                                            _pow2, block_sparse_attention, check_float,
+                                            shard_kernel)
 
 Phi = Callable[[jax.Array], jax.Array] | Mapping[str, jax.Array] | None
 
@@ -100,9 +117,10 @@ def _check_qkv(q, k, v, name):
                      f"and batch with q {q.shape}")
   if k.shape[3] != q.shape[3]:
     raise ValueError(f"{name}: k head dim {k.shape[3]} must equal q head dim {q.shape[3]}")
-  if q.shape[2] % k.shape[2]:
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
     raise ValueError(f"{name}: q heads Hq={q.shape[2]} must be a multiple of kv heads "
                      f"Hkv={k.shape[2]} (GQA)")
+  check_float(q=q, k=k, v=v)
 
 
 def _positions(q, q_positions):
@@ -146,7 +164,7 @@ def mlp_phi(params: Mapping[str, jax.Array], blocks: jax.Array) -> jax.Array:
   keeps the compressed token on the scale of the raw ones at initialization.
   """
   x = blocks.astype(jnp.float32) + params["pos"].astype(jnp.float32)
-  flat = x.reshape(*x.shape[:-2], -1)
+  flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])   # explicit: nc may be 0
   h = jax.nn.gelu(flat @ params["w1"].astype(jnp.float32) + params["b1"])
   return x.mean(-2) + h @ params["w2"].astype(jnp.float32) + params["b2"]
 
@@ -259,39 +277,97 @@ def select_blocks(scores: jax.Array, q_positions: jax.Array, num_selected: int,
   return idx.astype(jnp.int32), top > -jnp.inf
 
 
-def _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl):
+def selection_kernel_unmet(q, k, v, select_block: int,
+                           platform: str | None = None) -> str | None:
+  """Why the NSA selection kernel of `platform` ("tpu" | "gpu"; default the kernel
+  platform in context) cannot take these inputs, or None. Both: float32 / bfloat16.
+  GPU (Triton dot tiles): l', D, Dv powers of two >= 16. TPU (Mosaic tiling of the
+  [l', D] K/V blocks): l' a multiple of 8 (16 for bfloat16) unless one block covers S.
+  """
+  platform = kernel_platform() if platform is None else platform
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in [jnp.dtype(dt) for dt in KERNEL_DTYPES]:
+      return f"{name} dtype {x.dtype} is not float32/bfloat16"
+  if platform == "gpu":
+    for name, n in (("select_block", select_block), ("D", q.shape[-1]),
+                    ("Dv", v.shape[-1])):
+      if n < 16 or not _pow2(n):
+        return f"{name}={n} is not a power of two >= 16 (Triton dot tiles)"
+    return None
+  rows = 8 * max(1, 4 // min(x.dtype.itemsize for x in (q, k, v)))
+  if select_block % rows and select_block < k.shape[1]:
+    return f"select_block={select_block} is not a multiple of {rows} (Mosaic tiling)"
+  return None
+
+
+def _kernel_selected(q, k, v, block_idx, ok, select_block, scale, pos, impl):
   from pallas_kernels.nsa import nsa_selection_kernel  # lazy: kernels optional
-  out = nsa_selection_kernel(q, k, v, block_idx, valid, select_block=select_block,
-                             scale=scale, q_positions=pos,
-                             interpret=impl == "interpret",
-                             backend=kernel_platform())
+  backend = kernel_platform()
+
+  def run(q, k, v, block_idx, ok, pos):
+    return nsa_selection_kernel(q, k, v, block_idx, ok, select_block=select_block,
+                                scale=scale, q_positions=pos,
+                                interpret=impl == "interpret", backend=backend)
+
+  hq, hkv = q.shape[2], k.shape[2]
+  out = shard_kernel(run, (q, k, v, block_idx, ok, pos),
+                     ((0, 2), (0, 2), (0, 2), (0, 2), (0, 2), (0, None)), (0, 2),
+                     heads=(hq, hkv))
   return out.astype(jnp.float32)
 
 
 def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
                        valid: jax.Array, select_block: int, *, scale: float | None = None,
-                       q_positions: jax.Array | None = None,
-                       impl: str = "xla") -> jax.Array:
+                       q_positions: jax.Array | None = None, impl: str = "auto",
+                       check_indices: bool = False) -> jax.Array:
   """Attention over the tokens of the selected blocks; f32 [B, T, Hq, Dv].
 
-  k [B, S, Hkv, D], v [B, S, Hkv, Dv]; block_idx/valid [B, T, Hkv, n] from
-  `select_blocks`. Key s (in a valid selected block) is visible iff s ≤ t and s < S.
-  impl: "xla" (default: this gather reference) | "auto" | "pallas" | "interpret"
-  (`sparsejax.ops.dispatch`): the kernels run `pallas_kernels.nsa` (TPU query-tile
-  union / GPU group-centric; valid block ids must be distinct per token and kv head).
+  k [B, S, Hkv, D], v [B, S, Hkv, Dv]; block_idx int / valid bool [B, T, Hkv, n] (as
+  `select_blocks` returns; valid ids distinct per token and kv head). Key s of a
+  selected block is visible iff s ≤ t and s < S. A slot that is not valid, or whose
+  id is negative or >= ⌈S/l'⌉, contributes nothing (module docstring);
+  `check_indices=True` instead adds a `checkify` check on the valid slots' ids.
+  impl: "auto" | "xla" | "pallas" | "interpret" (`sparsejax.ops.dispatch`; the kernels
+  are `pallas_kernels.nsa`, TPU query-tile union / GPU group-centric).
   """
   _check_qkv(q, k, v, "selected_attention")
   b, t, hq, d = q.shape
   s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  if block_idx.shape[:3] != (b, t, hkv) or block_idx.ndim != 4:
+    raise ValueError(f"block_idx shape {block_idx.shape} must be [batch, seq, Hkv, n] "
+                     f"with [batch, seq, Hkv] = {(b, t, hkv)}")
+  if valid.shape != block_idx.shape:
+    raise ValueError(f"valid shape {valid.shape} must equal block_idx shape "
+                     f"{block_idx.shape}")
+  if not jnp.issubdtype(block_idx.dtype, jnp.integer):
+    raise TypeError(f"block_idx must be integers, got {block_idx.dtype}")
+  _check_int("select_block", select_block, 1)
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   pos = _positions(q, q_positions)
-  impl = resolve_impl(impl, op="nsa.selected_attention")
+  ns = -(-s_len // select_block)
+  in_range = (block_idx >= 0) & (block_idx < ns)
+  valid = valid.astype(bool)
+  if check_indices:
+    checkify.check(jnp.all(in_range | ~valid),
+                   "selected_attention: block_idx of a valid slot must be in [0, {ns}) "
+                   "(ceil(S / select_block)), got min {lo} max {hi}", ns=jnp.int32(ns),
+                   lo=jnp.min(jnp.where(valid, block_idx, 0), initial=0),
+                   hi=jnp.max(jnp.where(valid, block_idx, 0), initial=0))
+  ok = valid & in_range
+  if t == 0 or s_len == 0 or block_idx.shape[3] == 0:
+    check_impl(impl)
+    return jnp.zeros((b, t, hq, dv), jnp.float32)
+  unmet = None if impl == "xla" else selection_kernel_unmet(q, k, v, select_block)
+  impl = resolve_impl(impl, op="nsa.selected_attention", unmet=unmet)
   if impl != "xla":
-    return _kernel_selected(q, k, v, block_idx, valid, select_block, scale, pos, impl)
-  tok = block_idx[..., None] * select_block + jnp.arange(select_block)  # [B,T,Hkv,n,l']
-  allowed = valid[..., None] & (tok <= pos[:, :, None, None, None]) & (tok < s_len)
-  tok = jnp.minimum(tok, s_len - 1).reshape(b, t, hkv, -1)              # [B,T,Hkv,K]
-  allowed = allowed.reshape(b, t, hkv, -1)
+    return _kernel_selected(q, k, v, block_idx.astype(jnp.int32), ok, select_block,
+                            float(scale), pos, impl)
+  n = block_idx.shape[3]
+  safe = jnp.where(ok, block_idx, 0)
+  tok = safe[..., None] * select_block + jnp.arange(select_block)      # [B,T,Hkv,n,l']
+  allowed = ok[..., None] & (tok <= pos[:, :, None, None, None]) & (tok < s_len)
+  tok = jnp.minimum(tok, s_len - 1).reshape(b, t, hkv, n * select_block)
+  allowed = allowed.reshape(b, t, hkv, n * select_block)
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(hkv)[None, None, :, None]
   kg = k.astype(jnp.float32)[bi, tok, hi]                               # [B,T,Hkv,K,D]
@@ -303,23 +379,43 @@ def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.
 
 # ----------------------------------------------------------------------------- window
 
+def window_block(t: int, block: int = 64) -> int:
+  """Block size of the training-path window branch: gcd(T, block) (divides T)."""
+  return math.gcd(t, block) if t else block
+
+
 def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, *,
                      scale: float | None = None, q_positions: jax.Array | None = None,
-                     impl: str = "reference") -> jax.Array:
+                     impl: str = "auto") -> jax.Array:
   """Sliding-window causal attention (keys t − w < s ≤ t); f32 [B, T, Hq, Dv].
 
-  impl "reference": dense masked; otherwise (training only, q_positions None, T == S)
-  `block_sparse_attention` with LocalMask(w − 1) and that impl (empty blocks skipped).
+  Training (q_positions None, T == S): `block_sparse_attention` with LocalMask(w − 1),
+  blocks of `window_block(T)` and `impl` (empty blocks skipped; "auto" falls back to
+  XLA when the kernel's block constraints are not met, e.g. T not a multiple of 16 on
+  GPU). Decoding (q_positions given, or T != S): `window_attention_reference` (XLA;
+  no kernel takes arbitrary query positions here), whatever `impl`.
   """
   _check_qkv(q, k, v, "window_attention")
   _check_int("window", window, 1)
   d = q.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
-  if impl != "reference" and q_positions is None and q.shape[1] == k.shape[1]:
-    block = math.gcd(q.shape[1], 64)
+  if q_positions is None and q.shape[1] == k.shape[1]:
+    block = window_block(q.shape[1])
     return block_sparse_attention(q, k, v, masks_lib.LocalMask(window - 1), scale=scale,
                                   block_q=block, block_kv=block,
                                   impl=impl).astype(jnp.float32)
+  check_impl(impl)
+  return window_attention_reference(q, k, v, window, scale=scale,
+                                    q_positions=q_positions)
+
+
+def window_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, window: int, *,
+                               scale: float | None = None,
+                               q_positions: jax.Array | None = None) -> jax.Array:
+  """Dense masked sliding-window attention (keys t − w < s ≤ t, s < S); f32
+  [B, T, Hq, Dv]. The decoding path of `window_attention` and the tests' reference."""
+  _check_qkv(q, k, v, "window_attention_reference")
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   pos = _positions(q, q_positions)
   key = jnp.arange(k.shape[1])
   allowed = (key[None, None] <= pos[..., None]) & (key[None, None] > pos[..., None] - window)
@@ -328,7 +424,7 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, *,
   logits = jnp.einsum("btkgd,bskd->bkgts", _grouped(q, hkv), k.astype(jnp.float32)) * scale
   out = _masked_softmax_av(logits, allowed[:, None, None], v.astype(jnp.float32),
                            "bkgts,bskv->bkgtv")
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, -1)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, v.shape[3])
 
 
 # ---------------------------------------------------------------------------- combined
@@ -339,8 +435,8 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
                   stride: int = 16, select_block: int = 64, num_selected: int = 16,
                   window: int = 512, num_initial: int = 1, num_local: int = 2,
                   scale: float | None = None, cmp_rope_theta: float | None = None,
-                  q_positions: jax.Array | None = None, window_impl: str = "reference",
-                  selection_impl: str = "xla", return_aux: bool = False):
+                  q_positions: jax.Array | None = None, window_impl: str = "auto",
+                  selection_impl: str = "auto", return_aux: bool = False):
   """Native Sparse Attention: Σ_c gates[..., c] · o_c over (cmp, slc, win).
 
   q [B, T, Hq, D] (RoPE already applied, as for k_slc / k_win); k_cmp/v_cmp are the raw
@@ -350,7 +446,7 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
   [B, T, Hq, 3] in [0, 1] (cmp, slc, win). Returns [B, T, Hq, Dv] in q.dtype, plus with
   `return_aux` a dict (o_cmp, o_slc, o_win, p_cmp, scores, block_idx, valid).
   `selection_impl` is the selection branch's `selected_attention(impl=)`, `window_impl`
-  the window branch's.
+  the window branch's `window_attention(impl=)` (`sparsejax.ops.dispatch.IMPLS`).
   """
   check_config(block_len, stride, select_block, num_selected, window, num_initial,
                num_local)

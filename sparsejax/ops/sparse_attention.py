@@ -20,7 +20,17 @@ kv head and shared by its G query heads, using the union of the group's block li
 per-head masks; one softmax over the gathered keys; differentiable by JAX autodiff),
 "pallas"/"interpret" (the flash-style kernels in `pallas_kernels.block_sparse_attention`:
 TPU splash-style with scalar-prefetched mask info, GPU Triton over a CSR of kv blocks;
-custom_vjp with dq and dkv kernels), "auto" (`sparsejax.ops.dispatch.resolve_impl`).
+custom_vjp with dq and dkv kernels), "auto" (`sparsejax.ops.dispatch.resolve_impl`: the
+kernel on TPU/GPU when `kernel_unmet` finds no unmet constraint, else XLA with one
+warning). `reference_attention` is the dense masked reference the tests compare with.
+
+Sharding: when a mesh with more than one device is in context (`jax.set_mesh`) and the
+impl resolved to a kernel, the kernel runs inside `jax.shard_map` (`shard_kernel`): the
+batch is split over the mesh axes "data", "fsdp", "expert" that divide it and the heads
+over "tensor" when it divides Hkv (a Pallas call cannot be partitioned by XLA).
+
+Edge cases: T = 0 or S = 0 gives an empty / all-zero output; integer q, k or v raise
+TypeError (attention of integer tensors has no meaning; cast them first).
 
 Roofline (nnz = allowed (q, k) pairs per head, `mask_info(...).nnz`):
 FLOPs_fwd = 2 · B · Hq · nnz · (D + Dv), backward ≈ 2.5×; bytes ≈ B · S · (Hq + Hkv) ·
@@ -32,22 +42,36 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from sparsejax.ops import masks as masks_lib
-from sparsejax.ops.dispatch import kernel_platform, resolve_impl
+from sparsejax.ops.dispatch import check_impl, kernel_platform, resolve_impl
+from sparsejax.sharding import BATCH_AXES
 
 # Finite "minus infinity": exp underflows to 0, and rows with no allowed key stay finite.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
+HEAD_AXIS = "tensor"
+
+
+def check_float(**arrays) -> None:
+  """TypeError naming the first non-floating argument (attention needs real logits)."""
+  for name, x in arrays.items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} has dtype {x.dtype}; attention needs floating-point "
+                      f"q, k, v (cast them, e.g. to float32)")
 
 
 def _check(q, k, v, mask, scale, block_q, block_kv):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be 4-D [batch, seq, heads, dim], got shapes "
                      f"{q.shape}, {k.shape}, {v.shape}")
+  check_float(q=q, k=k, v=v)
   (b, t, hq, d), (bk, s, hkv, dk) = q.shape, k.shape
   if bk != b or v.shape[0] != b:
     raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}")
@@ -55,7 +79,7 @@ def _check(q, k, v, mask, scale, block_q, block_kv):
     raise ValueError(f"k head dim {dk} must equal q head dim {d}")
   if v.shape[1:3] != (s, hkv):
     raise ValueError(f"v shape {v.shape} must match k's [batch, seq, heads] {k.shape[:3]}")
-  if hq % hkv:
+  if hkv == 0 or hq % hkv:
     raise ValueError(f"q heads Hq={hq} must be a multiple of kv heads Hkv={hkv} (GQA)")
   if not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be a sparsejax.ops.masks.Mask, got {mask!r}")
@@ -67,9 +91,42 @@ def _check(q, k, v, mask, scale, block_q, block_kv):
   for name, size, blk in (("T", t, block_q), ("S", s, block_kv)):
     if not isinstance(blk, int) or isinstance(blk, bool) or blk < 1:
       raise ValueError(f"block size {blk!r} for {name} must be an int >= 1")
-    if size % min(blk, size):
+    if size and size % min(blk, size):
       raise ValueError(f"sequence length {name}={size} must be a multiple of its block "
                        f"size {blk} (pad the sequence or pick a divisor)")
+
+
+def _pow2(n: int) -> bool:
+  return n >= 1 and not n & (n - 1)
+
+
+def kernel_unmet(q, k, v, block_q: int, block_kv: int,
+                 platform: str | None = None) -> str | None:
+  """Why the block-sparse kernel of `platform` ("tpu" | "gpu"; default the kernel
+  platform in context) cannot take these inputs, or None. Shapes [B, T, H, D].
+
+  Both: float32 / bfloat16 q, k, v. GPU (Triton `pl.dot` tiles): block_q, block_kv, D
+  and Dv powers of two >= 16. TPU (Mosaic (8, 128) tiling of the second-minor block
+  dim; 16 rows for bfloat16): block_q, block_kv multiples of 8 (16 for bf16) or the
+  whole sequence.
+  """
+  platform = kernel_platform() if platform is None else platform
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in [jnp.dtype(dt) for dt in KERNEL_DTYPES]:
+      return f"{name} dtype {x.dtype} is not float32/bfloat16"
+  if platform == "gpu":
+    for name, n in (("block_q", block_q), ("block_kv", block_kv), ("D", q.shape[-1]),
+                    ("Dv", v.shape[-1])):
+      if n < 16 or not _pow2(n):
+        return f"{name}={n} is not a power of two >= 16 (Triton dot tiles)"
+    return None
+  rows = 8 * max(1, 4 // min(x.dtype.itemsize for x in (q, k, v)))
+  for name, blk, size in (("block_q", block_q, q.shape[1]),
+                          ("block_kv", block_kv, k.shape[1])):
+    if blk % rows and blk != size:
+      return (f"{name}={blk} is neither a multiple of {rows} nor the whole sequence "
+              f"({size}) (Mosaic tiling)")
+  return None
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -78,17 +135,22 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            impl: str = "auto") -> jax.Array:
   """Masked softmax attention that skips empty blocks; returns [B, T, Hq, Dv].
 
-  q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; Hq % Hkv == 0. scale defaults
-  to 1/√D. T and S must be multiples of block_q and block_kv (a block larger than its
-  sequence is clamped to it). See the module docstring for the math and the impls.
+  q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] floating; Hq % Hkv == 0. scale
+  defaults to 1/√D. T and S must be multiples of block_q and block_kv (a block larger
+  than its sequence is clamped to it). See the module docstring for the math, the
+  impls and sharding.
   """
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   _check(q, k, v, mask, scale, block_q, block_kv)
-  block_q, block_kv = min(block_q, q.shape[1]), min(block_kv, k.shape[1])
-  if impl == "reference":                      # internal: dense masked attention (tests)
-    return reference_attention(q, k, v, mask, scale=float(scale))
-  impl = resolve_impl(impl, op="block_sparse_attention")
+  b, t, hq, _ = q.shape
+  s_len = k.shape[1]
+  if t == 0 or s_len == 0:                # no query, or no key: every row gives 0
+    check_impl(impl)
+    return jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
+  block_q, block_kv = min(block_q, t), min(block_kv, s_len)
+  unmet = None if impl == "xla" else kernel_unmet(q, k, v, block_q, block_kv)
+  impl = resolve_impl(impl, op="block_sparse_attention", unmet=unmet)
   if impl == "xla":
     return _xla_attention(q, k, v, mask=mask, scale=float(scale), block_q=block_q,
                           block_kv=block_kv)
@@ -97,16 +159,75 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _kernel_attention(q, k, v, mask, *, scale, block_q, block_kv, interpret):
-  """The Pallas kernels (TPU: scalar-prefetched mask info; GPU: CSR inputs)."""
+  """The Pallas kernels (TPU: scalar-prefetched mask info; GPU: CSR inputs), inside
+  `shard_kernel` (per-head mask tables follow the heads' shard)."""
   from pallas_kernels.block_sparse_attention import block_sparse_attention_kernel  # lazy
   info = masks_lib.mask_info(mask, q.shape[1], k.shape[1], block_q, block_kv)
+  head_tables = (info.kv_blocks, info.kv_counts, info.block_kind, info.partial_index,
+                 info.q_blocks, info.q_counts)
+  per_head = info.block_kind.shape[0] > 1
+  backend = kernel_platform()
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)            # [B, T, H, D] <-> [B, H, T, D]
-  out = block_sparse_attention_kernel(
-      heads_major(q), heads_major(k), heads_major(v), info.kv_blocks, info.kv_counts,
-      info.block_kind, info.partial_masks, info.partial_index, info.q_blocks,
-      info.q_counts, scale=scale, block_q=block_q, block_kv=block_kv,
-      interpret=interpret, backend=kernel_platform())
-  return heads_major(out)
+
+  def run(q, k, v, *tables):
+    kv_blocks, kv_counts, kind, pidx, q_blocks, q_counts = tables
+    out = block_sparse_attention_kernel(
+        heads_major(q), heads_major(k), heads_major(v), kv_blocks, kv_counts, kind,
+        info.partial_masks, pidx, q_blocks, q_counts, scale=scale, block_q=block_q,
+        block_kv=block_kv, interpret=interpret, backend=backend)
+    return heads_major(out)
+
+  head_dim = 0 if per_head else None
+  return shard_kernel(run, (q, k, v, *head_tables),
+                      ((0, 2), (0, 2), (0, 2), *[(None, head_dim)] * 6), (0, 2),
+                      heads=(q.shape[2], k.shape[2]))
+
+
+def kernel_mesh_axes(batch: int, heads: Sequence[int]):
+  """(mesh, batch axes, head axes) to run a kernel under, or None without a mesh of
+  more than one device. Batch axes: those of `sparsejax.sharding.BATCH_AXES` in the
+  mesh with size > 1 whose cumulative product divides `batch`; head axes: ("tensor",)
+  when its size > 1 divides every entry of `heads` (e.g. (Hq, Hkv), so GQA groups stay
+  on one device), else () (heads replicated)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  sizes = dict(mesh.shape)
+  axes: list[str] = []
+  for a in BATCH_AXES:
+    n = math.prod(sizes[x] for x in axes) * sizes.get(a, 1)
+    if sizes.get(a, 1) > 1 and batch % n == 0:
+      axes.append(a)
+  n_head = sizes.get(HEAD_AXIS, 1)
+  head_axes = (HEAD_AXIS,) if n_head > 1 and all(h % n_head == 0 for h in heads) else ()
+  return mesh, tuple(axes), head_axes
+
+
+def shard_kernel(fn: Callable, args: Sequence[jax.Array],
+                 dims: Sequence[tuple[int | None, int | None]],
+                 out_dims: tuple[int | None, int | None], *, heads: Sequence[int]):
+  """fn(*args) inside `jax.shard_map` over the mesh in context (`kernel_mesh_axes`).
+
+  dims[i] = (batch dim, head dim) of args[i] (None: not split on that axis);
+  out_dims the same for the single output, which has args[0]'s rank. Without a
+  multi-device mesh: fn(*args).
+  """
+  axes = kernel_mesh_axes(args[0].shape[dims[0][0]], heads)
+  if axes is None:
+    return fn(*args)
+  mesh, batch_axes, head_axes = axes
+
+  def spec(x_ndim, bdim, hdim):
+    parts = [None] * x_ndim
+    if bdim is not None and batch_axes:
+      parts[bdim] = batch_axes
+    if hdim is not None and head_axes:
+      parts[hdim] = head_axes
+    return P(*parts)
+
+  in_specs = tuple(spec(x.ndim, *d) for x, d in zip(args, dims))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                       out_specs=spec(args[0].ndim, *out_dims), check_vma=False)(*args)
 
 
 def _masked_softmax_av(s, allowed, v_rows, out_spec):

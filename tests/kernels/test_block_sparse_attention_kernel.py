@@ -34,13 +34,13 @@ def tables(mask, t, s, bq, bkv):
           info.partial_index, info.q_blocks, info.q_counts)
 
 
-def kernel_attention(q, k, v, mask, *, bq, bkv, backend, interpret=None):
+def kernel_attention(q, k, v, mask, *, bq, bkv, backend, interpret=None, **kernel_kw):
   """The kernel on [B, T, H, D] inputs (the op's layout), default scale 1/√D."""
   hm = lambda x: jnp.swapaxes(x, 1, 2)
   out = block_sparse_attention_kernel(
       hm(q), hm(k), hm(v), *tables(mask, q.shape[1], k.shape[1], bq, bkv),
       scale=q.shape[-1] ** -0.5, block_q=bq, block_kv=bkv, backend=backend,
-      interpret=interpret_for(backend) if interpret is None else interpret)
+      interpret=interpret_for(backend) if interpret is None else interpret, **kernel_kw)
   return hm(out)
 
 
@@ -237,3 +237,33 @@ def test_gpu_lowering(dtype, mask_name):
   assert "num_warps = 4" in text
   for name in ("fwd", "dq", "dkv"):
     assert f"block_sparse_attention_{name}_gpu" in text
+
+
+def test_tpu_tables_split_into_chunks(rng_seed):
+  """A tiny SMEM budget splits the TPU calls over GQA head groups and table rows
+  (2 × 4 chunks here, inside lax.map); forward and grads equal the reference."""
+  from pallas_kernels.block_sparse_attention import tpu_chunks
+  m = M.mask_info(PER_HEAD, 64, 64, 16, 16).kv_blocks.shape[2]
+  assert tpu_chunks(4, 2, 4, 4, m, 12 * 2 * m) == (2, 1)
+  q, k, v, cot = inputs(rng_seed, 1, 64, 64, 4, 2, 16, 16)
+  got, want = run_both(q, k, v, cot, PER_HEAD, bq=16, bkv=16, backend="tpu",
+                       smem_table_bytes=12 * 2 * m)
+  for x, y in zip(got, want):
+    assert_close(x, y)
+
+
+@pytest.mark.parametrize("t", [32768, 131072])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_tpu_footprint_fits_long_context(t, per_head):
+  """Causal mask, 128-blocks (M = nq kv blocks per q block), Hq 64, Hkv 8, D 128 bf16:
+  unsplit tables take 768 KiB (shared mask) at 32k and 48 MiB (per-head) at 128k;
+  per call they stay within the SMEM budget and VMEM within v5e's 16 MiB."""
+  from pallas_kernels._common import SMEM_TABLE_BYTES
+  from pallas_kernels.block_sparse_attention import tpu_footprint
+  nq = t // 128
+  hm = 64 if per_head else 1
+  assert 12 * hm * nq * nq >= 768 * 1024
+  fp = tpu_footprint(hq=64, hkv=8, hm=hm, nq=nq, nkv=nq, m=nq, mt=nq, block_q=128,
+                     block_kv=128, d=128, dv=128, itemsize=2)
+  assert max(fp["smem_fwd"], fp["smem_dkv"]) <= SMEM_TABLE_BYTES
+  assert max(fp["vmem_fwd"], fp["vmem_dq"], fp["vmem_dkv"]) <= 16 * 2 ** 20

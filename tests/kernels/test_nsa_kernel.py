@@ -53,7 +53,8 @@ def run_both(q, k, v, cot, idx, valid, qp, kernel_fn):
   @jax.jit
   def both(q, k, v, cot):
     res = []
-    ref = lambda q, k, v: selected_attention(q, k, v, idx, valid, L_SEL, q_positions=qp)
+    ref = lambda q, k, v: selected_attention(q, k, v, idx, valid, L_SEL, q_positions=qp,
+                                             impl="xla")
     for fn in (kernel_fn, ref):
       out, vjp = jax.vjp(fn, q, k, v)
       res.append((out.astype(jnp.float32),) + vjp(cot))
@@ -191,3 +192,58 @@ def test_gpu_lowering(dtype):
   for name in ("fwd", "dq", "dkv"):
     assert f"nsa_selection_{name}_gpu" in text
 
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_invalid_block_ids_contribute_nothing(backend, rng_seed):
+  """Through the op (impl="interpret", each platform's kernel): valid slots holding -1
+  or an id >= ceil(S/l') give exactly the result of marking them invalid, forward and
+  backward (the XLA path is the reference)."""
+  from sparsejax.ops import dispatch
+  q, k, v, cot, idx, valid, _ = inputs(rng_seed, 1, 32, 32, 4, 2, 16, 16, 2, drop=0.0)
+  rng = np.random.default_rng(rng_seed)
+  bad = rng.random(idx.shape) < 0.3
+  bad[:, 4] = True
+  bad_idx = np.where(bad, np.where(np.arange(2) % 2, -1, 2), idx)
+
+  def op(idx, valid, impl):
+    return lambda q, k, v: selected_attention(q, k, v, idx, valid, L_SEL, impl=impl)
+
+  with dispatch.target_platform(backend):
+    got, want = run_both(q, k, v, cot, bad_idx, valid | bad, None,
+                         op(bad_idx, valid | bad, "interpret"))
+  clean = run_both(q, k, v, cot, idx, valid & ~bad, None, op(idx, valid & ~bad, "xla"))[0]
+  for x, y, z in zip(got, want, clean):
+    assert_close(x, z)
+    assert_close(y, z)
+  assert (np.asarray(got[0])[:, 4] == 0).all()
+
+
+def test_tpu_tables_split_into_chunks(rng_seed):
+  """A tiny SMEM budget splits the TPU calls into (pair, row) chunks (6 forward / dq
+  and 6 dk/dv calls here, inside lax.map); results equal the reference."""
+  from pallas_kernels.nsa import tpu_chunks
+  b, t, s, n, bq, _ = CASES["tpu"]
+  assert tpu_chunks(b * 2, t // bq, 3, 16) == (1, 1)
+  q, k, v, cot, idx, valid, qp = inputs(rng_seed, b, t, s, 4, 2, 16, 16, n)
+  kern = lambda q, k, v: nsa_selection_kernel(
+      q, k, v, idx, valid, select_block=L_SEL, block_q=bq, backend="tpu",
+      interpret=interpret_for("tpu"), smem_table_bytes=16)
+  got, want = run_both(q, k, v, cot, idx, valid, qp, kern)
+  for x, y in zip(got, want):
+    assert_close(x, y)
+
+
+@pytest.mark.parametrize("t", [32768, 131072])
+def test_tpu_footprint_fits_long_context(t):
+  """Hq 64, Hkv 4, n 16, l' 64, D 128 bf16: unsplit tables would take 8 MiB (forward)
+  and 32 MiB (dk/dv) at 32k; per call they stay within the SMEM budget, VMEM within
+  v5e's 16 MiB default scoped limit."""
+  from pallas_kernels._common import SMEM_TABLE_BYTES
+  from pallas_kernels.nsa import default_block_q, tpu_footprint
+  fp = tpu_footprint(b=2, t=t, s=t, hq=64, hkv=4, n=16, d=128, dv=128, select_block=64,
+                     itemsize=2)
+  nt = t // default_block_q(t, 16, 16)
+  assert 4 * 2 * 4 * nt * (128 + 1) > 8 * 2 ** 20              # unsplit forward tables
+  assert max(fp["smem_fwd"], fp["smem_dkv"]) <= SMEM_TABLE_BYTES
+  assert max(fp["vmem_fwd"], fp["vmem_dq"], fp["vmem_dkv"]) <= 16 * 2 ** 20

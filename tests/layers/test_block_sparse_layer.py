@@ -26,20 +26,24 @@ def _model(options):
       attention_options=dict(block_q=8, block_kv=8, impl="xla", **options))))
 
 
+def _dense_masked_logits(model, variables, tokens, options):
+  """The same model with the op swapped for dense attention under mask.dense."""
+  t = tokens.shape[1]
+  dense_mask = jnp.asarray(BlockSparseOptions(**options).mask().dense(t, t))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr("sparsejax.layers.attention.block_sparse_attention",
+               lambda q, k, v, mask, **kw: jax.nn.dot_product_attention(q, k, v,
+                                                                       mask=dense_mask))
+    return model.apply(variables, tokens)
+
+
 @pytest.mark.parametrize("options", PATTERNS, ids=lambda o: o["pattern"])
 def test_block_sparse_model_matches_dense_masked_attention_and_decodes(rng_seed, options):
   model = _model(options)
   tokens = jax.random.randint(jax.random.key(rng_seed), (2, 16), 0, 256)
   variables = sharding.unbox(jax.jit(model.init)(jax.random.key(rng_seed), tokens))
   logits = jax.jit(model.apply)(variables, tokens)
-
-  # the same model with the op swapped for dense attention under mask.dense
-  dense_mask = jnp.asarray(BlockSparseOptions(**options).mask().dense(16, 16))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr("sparsejax.layers.attention.block_sparse_attention",
-               lambda q, k, v, mask, **kw: jax.nn.dot_product_attention(q, k, v,
-                                                                       mask=dense_mask))
-    want = model.apply(variables, tokens)
+  want = _dense_masked_logits(model, variables, tokens, options)
   np.testing.assert_allclose(logits, want, rtol=2e-4, atol=2e-5)
   causal = DecoderLM(dataclasses.replace(model.cfg, attention="mha", attention_options={}))
   assert not np.allclose(want, causal.apply(variables, tokens), atol=1e-3)  # mask matters
@@ -62,3 +66,18 @@ def test_block_sparse_options_are_validated():
   with pytest.raises(ConfigError, match=r"config\.model\.attention_options\.window"):
     parse_model_config(dict(attention="block_sparse",
                             attention_options=dict(window=0))).validate()
+
+
+def test_block_that_does_not_tile_the_sequence_shrinks(rng_seed):
+  """T = 12 with 8-blocks runs with gcd(12, 8) = 4-blocks: same logits as dense
+  attention under the mask (no error for a sequence length the blocks do not tile)."""
+  from sparsejax.layers.attention import fit_block
+  assert (fit_block(8, 12), fit_block(8, 16), fit_block(64, 40), fit_block(8, 0)) == (
+      4, 8, 40, 8)
+  options = PATTERNS[1]
+  model = _model(options)
+  tokens = jax.random.randint(jax.random.key(rng_seed), (2, 12), 0, 256)
+  variables = sharding.unbox(jax.jit(model.init)(jax.random.key(rng_seed), tokens))
+  logits = jax.jit(model.apply)(variables, tokens)
+  want = _dense_masked_logits(model, variables, tokens, options)
+  np.testing.assert_allclose(logits, want, rtol=2e-4, atol=2e-5)

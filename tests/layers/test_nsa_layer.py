@@ -59,8 +59,30 @@ def test_nsa_model_trains_and_cached_decode_matches_forward(rng_seed, options):
 @pytest.mark.parametrize("field,value", [("block_len", 0), ("stride", 9),
                                          ("num_selected", 0), ("window", 0),
                                          ("compress", "max"), ("num_local", -1),
-                                         ("window_impl", "triton")])
+                                         ("window_impl", "triton"),
+                                         ("window_impl", "reference"),
+                                         ("selection_impl", "triton")])
 def test_nsa_options_are_validated(field, value):
   with pytest.raises(ConfigError, match=rf"config\.model\.attention_options\.{field}"):
     parse_model_config(dict(attention="nsa", attention_options={
         **OPTIONS, field: value})).validate()
+
+
+def test_sequences_shorter_than_a_compression_block_train_and_decode(rng_seed):
+  """T = 6 < block_len = 8 (no compressed block): the model trains, and a 2-token
+  prefill then 1-token steps (each shorter than a block) reproduce the forward."""
+  model = _model()
+  tokens = jax.random.randint(jax.random.key(rng_seed), (2, 6), 0, 256)
+  variables = sharding.unbox(jax.jit(model.init)(jax.random.key(rng_seed), tokens))
+  loss = lambda p: model.apply({**variables, "params": p}, tokens).astype(jnp.float32).std()
+  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  assert np.isfinite(value) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  logits = jax.jit(model.apply)(variables, tokens)
+  cache = gen.init_cache(model, 2, 6)
+  step = jax.jit(lambda c, t: gen.decode_step(model, variables, c, t))
+  out, cache = step(cache, tokens[:, :2])
+  outs = [out]
+  for i in range(2, 6):
+    out, cache = step(cache, tokens[:, i:i + 1])
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, rtol=2e-4, atol=2e-5)

@@ -13,7 +13,8 @@ import pytest
 
 from sparsejax.ops import sparse_attention as bsa_lib
 from sparsejax.ops import masks as M
-from sparsejax.ops.sparse_attention import block_sparse_attention
+from sparsejax.ops import dispatch
+from sparsejax.ops.sparse_attention import block_sparse_attention, reference_attention
 
 
 def inputs(seed, b, t, s, hq, hkv, d, dv):
@@ -27,9 +28,9 @@ def run_both(q, k, v, cot, mask, **kw):
   @jax.jit
   def both(q, k, v, cot):
     res = []
-    for impl in ("xla", "reference"):
-      out, vjp = jax.vjp(lambda *a: block_sparse_attention(*a, mask, impl=impl, **kw),
-                         q, k, v)
+    for fn in (lambda *a: block_sparse_attention(*a, mask, impl="xla", **kw),
+               lambda *a: reference_attention(*a, mask, scale=kw.get("scale"))):
+      out, vjp = jax.vjp(fn, q, k, v)
       res.append((out, vjp(cot)))
     return res
   return both(q, k, v, cot)
@@ -116,9 +117,9 @@ def test_causal_matches_jax_dot_product_attention(rng_seed):
 def test_scale_and_dtype(rng_seed):
   q, k, v, _ = inputs(rng_seed, 1, 16, 16, 2, 2, 8, 8)
   q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  f = jax.jit(lambda q, k, v: [block_sparse_attention(q, k, v, M.CausalMask(), scale=0.3,
-                                                      block_q=8, block_kv=8, impl=i)
-                               for i in ("auto", "reference")])
+  f = jax.jit(lambda q, k, v: [
+      block_sparse_attention(q, k, v, M.CausalMask(), scale=0.3, block_q=8, block_kv=8),
+      reference_attention(q, k, v, M.CausalMask(), scale=0.3)])
   out, ref = f(q16, k16, v16)
   assert out.dtype == jnp.bfloat16
   assert_close(out.astype(jnp.float32), ref.astype(jnp.float32), tol=1e-2)
@@ -135,9 +136,10 @@ def test_kernel_impls(rng_seed):
   @jax.jit
   def both(q, k, v, cot):
     res = []
-    for impl in ("interpret", "reference"):
-      out, vjp = jax.vjp(lambda *a: block_sparse_attention(*a, mask, block_q=16,
-                                                           block_kv=16, impl=impl), q, k, v)
+    for fn in (lambda *a: block_sparse_attention(*a, mask, block_q=16, block_kv=16,
+                                                 impl="interpret"),
+               lambda *a: reference_attention(*a, mask)):
+      out, vjp = jax.vjp(fn, q, k, v)
       res.append((out,) + vjp(cot))
     return res
 
@@ -171,3 +173,46 @@ def test_errors(shapes, kw, match):
   with pytest.raises(ValueError, match=match):
     block_sparse_attention(q, k, v, mask, block_q=kw.pop("block_q", 8),
                            block_kv=kw.pop("block_kv", 8), **kw)
+
+
+def test_empty_sequences_give_empty_or_zero_output(rng_seed):
+  """T = 0 gives [B, 0, Hq, Dv]; S = 0 (no key) gives zeros, with zero grads."""
+  q, k, v, _ = inputs(rng_seed, 2, 8, 8, 4, 2, 8, 4)
+  out = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, M.CausalMask()))(
+      q[:, :0], k, v)
+  assert out.shape == (2, 0, 4, 4) and out.dtype == q.dtype
+  f = lambda q: block_sparse_attention(q, k[:, :0], v[:, :0], M.CausalMask(),
+                                       block_q=8).sum()
+  assert float(jnp.abs(jax.grad(f)(q)).max()) == 0.0
+  assert (np.asarray(block_sparse_attention(q, k[:, :0], v[:, :0], M.LocalMask(3)))
+          == 0).all()
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_integer_inputs_are_refused(name):
+  args = dict(q=jnp.ones((1, 8, 2, 8)), k=jnp.ones((1, 8, 2, 8)), v=jnp.ones((1, 8, 2, 8)))
+  args[name] = args[name].astype(jnp.int32)
+  with pytest.raises(TypeError, match=rf"^{name} has dtype int32"):
+    block_sparse_attention(args["q"], args["k"], args["v"], M.CausalMask(), block_q=8)
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_cannot_run(rng_seed):
+  """On GPU the Triton kernel needs power-of-two blocks >= 16: block 8 (T = 40) is
+  traced with the XLA path under impl="auto" (one warning) and refused by "pallas"."""
+  q, k, v, _ = inputs(rng_seed, 1, 40, 40, 2, 1, 16, 16)
+  reason = bsa_lib.kernel_unmet(q, k, v, 8, 8, "gpu")
+  assert reason.startswith("block_q=8 is not a power of two")
+  assert bsa_lib.kernel_unmet(q, k, v, 8, 8, "tpu") is None
+  assert "multiple of 16" in bsa_lib.kernel_unmet(
+      *(x.astype(jnp.bfloat16) for x in (q, k, v)), 8, 8, "tpu")
+  f = lambda impl: block_sparse_attention(q, k, v, M.CausalMask(), block_q=8, block_kv=8,
+                                          impl=impl)
+  with dispatch.target_platform("gpu"):
+    with pytest.warns(UserWarning, match="block_sparse_attention: the Pallas kernel does "
+                      "not apply"):
+      dispatch._warned.discard(("block_sparse_attention", reason))
+      jaxpr = str(jax.make_jaxpr(lambda: f("auto"))())
+    assert "pallas_call" not in jaxpr
+    with pytest.raises(ValueError, match="block_sparse_attention: impl='pallas' cannot "
+                       "run these inputs: block_q=8"):
+      f("pallas")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from sparsejax.ops import nsa
 
@@ -53,6 +54,7 @@ def _np_phi(params, block):                     # block [l, D]
 def _np_softmax_av(logits, values):
   if len(logits) == 0:
     return np.zeros(values.shape[-1]), np.zeros(0)
+  logits = np.asarray(logits, np.float64)
   e = np.exp(logits - logits.max())
   p = e / e.sum()
   return p @ values, p
@@ -74,8 +76,9 @@ def _np_nsa(q, kv, gates, phi_k, phi_v, *, block_len, stride, select_block,
   sel = {}
   for b in range(b_):
     for h in range(kv[0].shape[2]):
-      kcmp = np.stack([_np_phi(phi_k, kc_[b, i * dd:i * dd + l, h]) for i in range(nc)])
-      vcmp = np.stack([_np_phi(phi_v, vc_[b, i * dd:i * dd + l, h]) for i in range(nc)])
+      kcmp = np.array([_np_phi(phi_k, kc_[b, i * dd:i * dd + l, h]) for i in range(nc)])
+      vcmp = np.array([_np_phi(phi_v, vc_[b, i * dd:i * dd + l, h]) for i in range(nc)])
+      kcmp, vcmp = kcmp.reshape(nc, d), vcmp.reshape(nc, vc_.shape[-1])
       for t in range(t_):
         vis = [i for i in range(nc) if i * dd + l - 1 <= t]
         score = np.zeros(ns)
@@ -119,9 +122,9 @@ def test_branches_match_numpy_loop(rng_seed, name):
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
   # rows that see no compressed block (t < l - 1) give exactly 0, not NaN
   assert np.all(np.asarray(aux["o_cmp"])[:, :cfg["block_len"] - 1] == 0)
-  # the block-sparse window path equals the dense masked one
-  out_bs, _ = _run(q, kv, gates, phi_k=phi_k, phi_v=phi_v, window_impl="xla", **cfg)
-  np.testing.assert_allclose(out_bs, out, rtol=1e-5, atol=1e-6)
+  # the dense masked window reference agrees with the block-sparse window path
+  ref = nsa.window_attention_reference(q, kv[4], kv[5], cfg["window"])
+  np.testing.assert_allclose(ref, aux["o_win"], rtol=1e-5, atol=1e-6)
 
 
 def test_selection_scores_eq9_hand_made():
@@ -240,3 +243,72 @@ def test_bad_config_raises(kwargs, match):
   with pytest.raises(ValueError, match="gates shape"):
     nsa.nsa_attention(q, *kv, gates[..., :2], block_len=8, stride=4, select_block=8,
                       num_selected=2, window=4)
+
+
+@pytest.mark.parametrize("t", [5, 1], ids=["t<l", "t=1"])
+def test_sequences_shorter_than_a_compression_block(rng_seed, t):
+  """S < l: no compressed block; the compression branch gives 0, only forced blocks
+  are selected, and everything matches the NumPy loop (forward, finite grads)."""
+  cfg = dict(CONFIGS["A"], t=t)
+  q, kv, gates, phi_k, phi_v = _inputs(rng_seed, t, dv=6)
+  out, aux = _run(q, kv, gates, phi_k=phi_k, phi_v=phi_v, **cfg)
+  want, branches, _ = _np_nsa(q, kv, gates, phi_k, phi_v, **cfg)
+  assert aux["p_cmp"].shape == (1, t, HQ, 0) and (np.asarray(aux["o_cmp"]) == 0).all()
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  grads = jax.grad(lambda q: nsa.nsa_attention(q, *kv, gates, phi_k=phi_k, phi_v=phi_v,
+                                               **{k: v for k, v in cfg.items()
+                                                  if k != "t"}).sum())(q)
+  assert np.isfinite(grads).all() and np.abs(grads).max() > 0
+
+
+def test_empty_sequence():
+  q, kv, gates, phi_k, phi_v = _inputs(0, 0)
+  cfg = {k: v for k, v in CONFIGS["A"].items() if k != "t"}
+  out = nsa.nsa_attention(q, *kv, gates, phi_k=phi_k, phi_v=phi_v, **cfg)
+  assert out.shape == (1, 0, HQ, D)
+
+
+def _selection_inputs(seed, t=24, s=24, n=3, ls=8):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((2, t, HQ, D)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, s, HKV, D)), jnp.float32) for _ in "kv")
+  scores = jnp.asarray(rng.random((2, t, HKV, -(-s // ls))), jnp.float32)
+  idx, valid = nsa.select_blocks(scores, jnp.broadcast_to(jnp.arange(t), (2, t)), n, ls,
+                                 num_initial=0, num_local=1)
+  return q, k, v, np.asarray(idx), np.asarray(valid)
+
+
+def test_invalid_block_ids_contribute_nothing(rng_seed):
+  """Valid slots holding -1 (padding) or ids >= ceil(S/l') give exactly the output and
+  grads of the same call with those slots marked invalid: query 0 never sees keys of
+  a wrapped-around block; `check_indices=True` makes checkify report them."""
+  q, k, v, idx, valid = _selection_inputs(rng_seed)
+  bad = np.random.default_rng(rng_seed).random(idx.shape) < 0.3
+  bad[:, 0] = True                                        # token 0: only bad slots
+  bad_idx = np.where(bad, np.where(np.arange(idx.shape[-1]) % 2, -1, 3), idx)
+  cot = jax.random.normal(jax.random.key(rng_seed), q.shape)
+
+  def run(idx, valid):
+    f = lambda q, k, v: nsa.selected_attention(q, k, v, idx, valid, 8, impl="xla")
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(cot)
+
+  got = jax.jit(run)(bad_idx, valid | bad)
+  want = jax.jit(run)(idx, valid & ~bad)
+  for x, y in zip(got, want):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert (np.asarray(got[0])[:, 0] == 0).all()
+  checked = checkify.checkify(jax.jit(lambda idx: nsa.selected_attention(
+      q, k, v, idx, valid | bad, 8, check_indices=True)))
+  err, _ = checked(jnp.asarray(bad_idx))
+  assert "block_idx of a valid slot must be in [0, 3)" in err.get()
+  err, _ = checked(jnp.asarray(idx))
+  assert err.get() is None
+
+
+def test_window_impl_values():
+  q, kv, gates, _, _ = _inputs(0, 16)
+  with pytest.raises(ValueError, match="impl='reference' must be one of"):
+    nsa.window_attention(q, kv[4], kv[5], 4, impl="reference")
+  with pytest.raises(TypeError, match="k has dtype int32"):
+    nsa.window_attention(q, kv[4].astype(jnp.int32), kv[5], 4)
