@@ -4,14 +4,21 @@ Every config section is a frozen dataclass. `from_mapping` builds one from a pla
 (an `ml_collections.ConfigDict` or dict), rejecting unknown keys and wrong types, and then
 calls the dataclass's own `validate()` (if it has one) for range checks. Errors always
 name the full dotted field, e.g. `config.model.num_heads`.
+
+`run_cli(main)` is the entry points' `absl.app.run`: a user's mistake (`KNOWN_ERRORS`: a
+bad config value or path, a diverged run, a file that cannot be read or written, a bad
+flag) prints one `error: ...` line and exits with status 1; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import flax.core
@@ -21,6 +28,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
   """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+# Errors a user can fix without reading a traceback (`run_cli` prints them as one line).
+KNOWN_ERRORS = (ConfigError, FloatingPointError, OSError)
 
 
 def check(condition: bool, field: str, value: Any, allowed: str) -> None:
@@ -76,6 +87,13 @@ def _to_plain(value: Any) -> Any:
   return value
 
 
+def _with_hint(prefix: str, key: Any, fields: Mapping[str, Any]) -> str:
+  """`prefix.key`, plus "(did you mean prefix.x?)" for the closest field name."""
+  close = difflib.get_close_matches(str(key), list(fields), n=1)
+  hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+  return f"{prefix}.{key}{hint}"
+
+
 def from_mapping(cls: type[T], mapping: Any, prefix: str = "config") -> T:
   """Builds dataclass `cls` from `mapping`; unknown keys and bad types raise ConfigError."""
   mapping = _to_plain(mapping) if mapping is not None else {}
@@ -85,7 +103,7 @@ def from_mapping(cls: type[T], mapping: Any, prefix: str = "config") -> T:
   unknown = sorted(set(mapping) - set(fields))
   if unknown:
     raise ConfigError(
-        f"unknown field(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+        f"unknown field(s) {', '.join(_with_hint(prefix, k, fields) for k in unknown)}; "
         f"allowed: {', '.join(sorted(fields))}")
   hints = typing.get_type_hints(cls)
   kwargs = {name: _coerce(f"{prefix}.{name}", mapping[name], hints[name])
@@ -106,3 +124,39 @@ def to_dict(obj: Any) -> Any:
   if isinstance(obj, tuple):
     return [to_dict(v) for v in obj]
   return obj
+
+
+def run_cli(main: Callable[[list[str]], Any], *,
+            quiet_logs: Callable[[], None] | None = None) -> None:
+  """`absl.app.run(main)` printing flag errors and `KNOWN_ERRORS` as one `error: ...`
+  line (exit status 1) unless `--debug`; Ctrl-C exits with status 130 and no traceback.
+  `quiet_logs()` runs before `main` unless `--debug` (e.g. to hide a library's log lines
+  about failures that reach `main` as exceptions)."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  debug = flags.DEFINE_bool("debug", False, "Show the traceback of errors that are "
+                            "otherwise printed as one `error: ...` line.",
+                            module_name=sys.argv[0])  # listed with the script's flags
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, *KNOWN_ERRORS) as e:  # e.g. --config.x=y on a missing file
+      sys.exit(f"error: {_one_line(e)} (see --help)")
+
+  def guarded(argv: list[str]) -> Any:
+    if quiet_logs is not None and not debug.value:
+      quiet_logs()
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      sys.exit(130)
+    except KNOWN_ERRORS as e:
+      if debug.value:
+        raise
+      sys.exit(f"error: {_one_line(e)}")
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())

@@ -38,6 +38,13 @@ def test_nested_values_are_coerced_and_checked():
     validation.from_mapping(_Outer, {"inner": {"siz": 2}})
 
 
+def test_unknown_fields_get_the_closest_name_as_a_hint():
+  with pytest.raises(validation.ConfigError, match=(
+      r"unknown field\(s\) config\.inner\.raito \(did you mean config\.inner\.ratio\?\), "
+      r"config\.inner\.zzz; allowed: ratio, size$")):
+    validation.from_mapping(_Outer, {"inner": {"raito": 2, "zzz": 1}})
+
+
 def test_full_config_round_trips_through_dict():
   config = parse_config({"model": {"d_model": 64}, "train": {"num_steps": 5}})
   assert parse_config(config_to_dict(config)) == config

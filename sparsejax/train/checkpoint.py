@@ -2,16 +2,39 @@
 
 Layout: `workdir/checkpoints/<step>/{state,data,config}`. Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never leaves a
-half-written checkpoint that `latest_step()` would pick.
+half-written checkpoint that `latest_step()` would pick. Saves are asynchronous; a
+failed one (a full disk, a deleted workdir) raises `CheckpointError` from the next
+`check()`, `save()` or `wait()`, so the run stops at the first failed save.
+
+A checkpoint damaged later (a truncated array file, broken metadata, a missing item) is
+skipped by `restore_latest`, which falls back to the newest one that restores.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging as py_logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class CheckpointError(OSError):
+  """A checkpoint could not be written, or no checkpoint of a run could be read."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  data_state: dict
+  config: dict
+  skipped: list[tuple[int, str]]   # (step, why) of newer checkpoints that did not restore
 
 
 class Checkpointer:
@@ -22,15 +45,41 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self._pending: int | None = None   # the step of the last async save started
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
-    """Starts an (async) save of `step`; `wait()` blocks until it is on disk."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+    """Starts an (async) save of `step`; `wait()` blocks until it is on disk.
+
+    Raises CheckpointError if the directory is gone or the previous save failed.
+    """
+    self.wait()
+    if not os.path.isdir(self.directory):
+      raise CheckpointError(f"cannot save step {step}: {self.directory} no longer "
+                            "exists (was the workdir deleted?)")
+    self._pending = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot save step {step} to {self.directory}: "
+                            f"{_reason(e)}") from e
+
+  def check(self) -> None:
+    """Raises CheckpointError if a finished async save failed (does not block)."""
+    if not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the pending save is on disk; CheckpointError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"saving step {self._pending} to {self.directory} failed: "
+                            f"{_reason(e)}") from e
 
   def restore_config(self, step: int) -> dict:
     """The config saved with `step` (cheap: read before restoring the state)."""
@@ -44,11 +93,72 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def restore_latest(self, abstract_state: Callable[[dict], Any]) -> Restored | None:
+    """The newest checkpoint that restores, or None when there is none.
+
+    `abstract_state(saved_config)` gives the restore target (it may raise to refuse
+    the run, e.g. a different model). Newer checkpoints that fail to read are listed
+    in `Restored.skipped` with the reason and left untouched; CheckpointError when no
+    checkpoint restores.
+    """
+    skipped = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        config = self.restore_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((step, _reason(e)))
+        continue
+      target = abstract_state(config)
+      try:
+        state, data_state = self.restore(step, target)
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((step, _reason(e)))
+        continue
+      return Restored(step, state, data_state, config, skipped)
+    if skipped:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be read: "
+          + "; ".join(f"step {s}: {why}" for s, why in skipped))
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` (e.g. an unreadable one) out of the run to
+    `<directory>.unreadable/<step>[.n]`, so the step can be saved again; returns the
+    new path. Only process 0 moves; every process then rereads the step list."""
+    target = os.path.join(f"{self.directory}.unreadable", str(step))
+    suffix = 0
+    while os.path.exists(target + (f".{suffix}" if suffix else "")):
+      suffix += 1
+    target += f".{suffix}" if suffix else ""
+    sync = multihost_utils.sync_global_devices
+    sync(f"set_aside_{step}_start")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    sync(f"set_aside_{step}_done")
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _reason(error: BaseException) -> str:
+  """A one-line, bounded description of an orbax / TensorStore error."""
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _DropOrbaxRecords(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Hides orbax's log lines (its failures are raised too, as CheckpointError): for
+  CLIs that print errors as one line."""
+  logging.get_absl_handler().addFilter(_DropOrbaxRecords())
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

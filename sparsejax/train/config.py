@@ -7,6 +7,7 @@ bad field and its allowed values (e.g. `config.train.num_steps=0 is invalid: mus
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from sparsejax import validation
@@ -63,6 +64,13 @@ class Config:
     check(self.train.sample_tokens == 0 or bytes_tokens, f"{prefix}.train.sample_tokens",
           self.train.sample_tokens, "0 when config.data.tokenizer is not 'bytes' (the "
           "end-of-run sample is byte-level)")
+
+
+def sections_help() -> str:
+  """One line per config section naming its fields (the CLIs' --help)."""
+  hints = typing.get_type_hints(Config)
+  fields = lambda cls: ", ".join(f.name for f in dataclasses.fields(cls))
+  return "\n".join(f"  {name}: {fields(hints[name])}" for name in hints)
 
 
 def parse_config(config: Any) -> Config:

@@ -20,7 +20,10 @@ A source with a single usable file or shard is split by its tail, like a single 
 Text files are byte tokens (uint8) joined by `EOS`, or, with `config.data.tokenizer` a
 tokenizer.json path, its token ids (tokenized once and cached as .npy shards,
 `sparsejax.train.tokenizer`); shards are concatenated as they are
-(they are expected to carry their own separators) in their integer dtype.
+(they are expected to carry their own separators) in their integer dtype. Given the
+model's `vocab_size`, every token id is checked to lie in [0, vocab_size) when a source
+is opened (an id outside would index past the embedding: NaN or silently wrong), and
+the error names the shard, the id, its index and the range.
 
 Examples are packed, non-overlapping windows: window i is
 `tokens[i * seq_len : i * seq_len + seq_len + 1]`, `inputs = window[:-1]`,
@@ -120,7 +123,30 @@ def _read_texts(files: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
   return out
 
 
-def _load_npy(path: str) -> np.ndarray:
+_CHECK_CHUNK = 1 << 24   # token ids scanned at a time (bounded memory on memory maps)
+_CHECKED_SHARDS: set[tuple] = set()   # (realpath, size, mtime, vocab) found in range
+
+
+def _check_ids(tokens: np.ndarray, source: str, vocab_size: int | None) -> None:
+  """Raises ConfigError naming `source`, the first id outside [0, vocab_size) and its
+  index. Skipped when `vocab_size` is None or the dtype cannot hold a bad id."""
+  if vocab_size is None:
+    return
+  info = np.iinfo(tokens.dtype)
+  if info.min >= 0 and info.max < vocab_size:
+    return
+  for start in range(0, len(tokens), _CHECK_CHUNK):
+    chunk = np.asarray(tokens[start:start + _CHECK_CHUNK])
+    if chunk.min() >= 0 and chunk.max() < vocab_size:
+      continue
+    i = int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
+    raise _error(source, f"token id {int(chunk[i])} at index {start + i} is outside "
+                         f"[0, {vocab_size}) (config.model.vocab_size={vocab_size})")
+
+
+def _load_npy(path: str, vocab_size: int | None = None) -> np.ndarray:
+  """A 1-D integer shard, memory-mapped, its ids checked against `vocab_size` (once
+  per file version)."""
   try:
     arr = np.load(path, mmap_mode="r")
   except ValueError:  # e.g. an empty array cannot be memory-mapped
@@ -128,6 +154,11 @@ def _load_npy(path: str) -> np.ndarray:
   if arr.ndim != 1 or arr.dtype.kind not in "iu":
     raise _error(path, f"pre-tokenized shards must be 1-D integer arrays, got "
                        f"shape {arr.shape} dtype {arr.dtype}")
+  stat = os.stat(path)
+  key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, vocab_size)
+  if key not in _CHECKED_SHARDS:
+    _check_ids(arr, path, vocab_size)
+    _CHECKED_SHARDS.add(key)
   return arr
 
 
@@ -140,7 +171,8 @@ def _join_texts(texts: list[bytes]) -> np.ndarray:
   return np.frombuffer(bytes([EOS]).join(texts), dtype=np.uint8)
 
 
-def _load(path: str, split: str, val_fraction: float) -> np.ndarray:
+def _load(path: str, split: str, val_fraction: float,
+          vocab_size: int | None = None) -> np.ndarray:
   if path == "":
     texts = _read_texts(_stdlib_files())
     chosen = [d for r, d in texts if _is_val(r, val_fraction) == (split == "val")]
@@ -149,7 +181,7 @@ def _load(path: str, split: str, val_fraction: float) -> np.ndarray:
     raise _error(path, "path does not exist")
   if os.path.isfile(path):
     if path.endswith(".npy"):
-      return _tail_split(_load_npy(path), split, val_fraction)
+      return _tail_split(_load_npy(path, vocab_size), split, val_fraction)
     with open(path, "rb") as f:
       data = f.read()
     if b"\0" in data:
@@ -159,8 +191,8 @@ def _load(path: str, split: str, val_fraction: float) -> np.ndarray:
   shards = [(r, p) for r, p in files if r.endswith(".npy")]
   if shards:
     if len(shards) == 1:
-      return _tail_split(_load_npy(shards[0][1]), split, val_fraction)
-    chosen = [_load_npy(p) for r, p in shards
+      return _tail_split(_load_npy(shards[0][1], vocab_size), split, val_fraction)
+    chosen = [_load_npy(p, vocab_size) for r, p in shards
               if _is_val(r, val_fraction) == (split == "val")]
     return np.concatenate(chosen) if chosen else np.zeros((0,), np.int32)
   texts = _read_texts(files)
@@ -177,23 +209,28 @@ def _load_embedded(split: str, val_fraction: float) -> np.ndarray:
   return _load("", split, val_fraction)
 
 
-def load_tokens(cfg: DataConfig, split: str) -> np.ndarray:
+def load_tokens(cfg: DataConfig, split: str, *,
+                vocab_size: int | None = None) -> np.ndarray:
   """The 1-D token array of `split` in {"train", "val"}.
 
   Returns uint8 bytes (text sources, documents joined by `EOS`) or the shards' integer
   dtype (pre-tokenized; possibly a read-only memory map). Shape `[num_tokens]`. The
   embedded corpus is cached per (split, val_fraction) and returned read-only. Raises
   ValueError naming `config.data.path` for a missing path, a directory without usable
-  files or an empty split.
+  files, an empty split or (given `vocab_size`) a token id outside [0, vocab_size).
   """
   validation.check_choice("split", split, _SPLITS)
   if cfg.tokenizer != tokenizer_lib.BYTES and tokenizer_lib.is_text_source(cfg.path):
     tokens = tokenizer_lib.load_tokenized(cfg.path, cfg.tokenizer, split,
                                           float(cfg.val_fraction))
+    _check_ids(tokens, cfg.path, vocab_size)   # the tokenizer's ids vs the model's
   elif cfg.path == "":
     tokens = _load_embedded(split, float(cfg.val_fraction))
-  else:
-    tokens = _load(cfg.path, split, float(cfg.val_fraction))
+    _check_ids(tokens, cfg.path, vocab_size)
+  else:   # each .npy shard is checked as it is opened; text bytes here
+    tokens = _load(cfg.path, split, float(cfg.val_fraction), vocab_size)
+    if tokens.dtype == np.uint8:
+      _check_ids(tokens, cfg.path, vocab_size)
   if len(tokens) == 0:
     raise _error(cfg.path, f"the {split} split is empty (val_fraction="
                            f"{cfg.val_fraction}); add data or change "
@@ -226,7 +263,8 @@ class WindowSource:
     return f"WindowSource(num_tokens={len(self._tokens)}, seq_len={self._seq_len})"
 
 
-def make_dataset(cfg: DataConfig, split: str, *, process_index: int | None = None,
+def make_dataset(cfg: DataConfig, split: str, *, vocab_size: int | None = None,
+                 process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """An infinite grain dataset of batches for this process.
 
@@ -236,7 +274,8 @@ def make_dataset(cfg: DataConfig, split: str, *, process_index: int | None = Non
   shuffled by `cfg.seed` and reshuffled every epoch (batches may span epochs); "val" is
   in fixed order, the same batches every epoch. The iterator's `get_state()` is a
   JSON-serializable dict that `set_state()` accepts back. Process index/count default to
-  `jax.process_index()` / `jax.process_count()`.
+  `jax.process_index()` / `jax.process_count()`. `vocab_size` (the model's) checks the
+  token ids when the source is opened (see `load_tokens`).
   """
   cfg.validate("config.data")
   validation.check_choice("split", split, _SPLITS)
@@ -250,7 +289,7 @@ def make_dataset(cfg: DataConfig, split: str, *, process_index: int | None = Non
   validation.check(cfg.batch_size % process_count == 0, "config.data.batch_size",
                    cfg.batch_size, f"divisible by the process count {process_count}")
   local_b = cfg.batch_size // process_count
-  tokens = load_tokens(cfg, split)
+  tokens = load_tokens(cfg, split, vocab_size=vocab_size)
   source = WindowSource(tokens, cfg.seq_len)
   if len(source) < cfg.batch_size:
     need = cfg.batch_size * cfg.seq_len + 1

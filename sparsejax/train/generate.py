@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models import DecoderLM
+from sparsejax.train import tokenizer as tokenizer_lib
 
 
 def init_cache(model: DecoderLM, batch_size: int, max_len: int) -> Any:
@@ -55,13 +56,21 @@ def generate(model: DecoderLM, variables: dict, prompt: jax.Array, rng: jax.Arra
   """Continues prompt int32 [B, P] (same length per row) by `max_new_tokens` tokens.
 
   `variables` holds "params" and any non-parameter state collections (no "cache").
-  Returns int32 [B, P + max_new_tokens].
+  Returns int32 [B, P + max_new_tokens]; P >= 1 (the first token is sampled from the
+  logits after the last prompt token).
   """
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
   batch, prompt_len = prompt.shape
+  if prompt_len == 0:
+    raise ValueError(f"prompt has shape {prompt.shape}: needs at least one token per "
+                     "row (e.g. the EOS token to start a new document)")
+  if max_new_tokens == 0:
+    return prompt.astype(jnp.int32)
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
   logits, cache = decode_step(model, variables, cache, prompt)
   rngs = jax.random.split(rng, max_new_tokens)
@@ -80,10 +89,22 @@ def generate(model: DecoderLM, variables: dict, prompt: jax.Array, rng: jax.Arra
 
 def generate_text(model: DecoderLM, variables: dict, prompt: str, *,
                   max_new_tokens: int, seed: int = 0, temperature: float = 0.8,
-                  top_p: float = 0.95) -> str:
-  """Byte-level convenience wrapper: str prompt -> generated continuation (str)."""
-  tokens = jnp.asarray([list(prompt.encode("utf-8"))], jnp.int32)
+                  top_p: float = 0.95, tokenizer: Any = None) -> str:
+  """str prompt -> generated continuation (str, without the prompt).
+
+  `tokenizer` (default: UTF-8 bytes, `sparsejax.train.tokenizer.ByteTokenizer`) encodes
+  the prompt and decodes the new tokens. An empty prompt starts a new document: the
+  context is the tokenizer's EOS token (ValueError naming `prompt` if it has none).
+  `max_new_tokens=0` returns "".
+  """
+  tokenizer = tokenizer or tokenizer_lib.ByteTokenizer()
+  if max_new_tokens == 0:
+    return ""
+  ids = [int(t) for t in tokenizer.encode_batch([prompt])[0]]
+  if not ids and tokenizer.eos_id is None:
+    raise ValueError("prompt='' is empty and the tokenizer has no EOS token to start "
+                     "a document from: give a non-empty prompt")
+  tokens = jnp.asarray([ids or [tokenizer.eos_id]], jnp.int32)
   out = generate(model, variables, tokens, jax.random.key(seed),
                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-  return bytes(int(t) for t in out[0, tokens.shape[1]:]).decode("utf-8",
-                                                                errors="replace")
+  return tokenizer.decode(out[0, tokens.shape[1]:].tolist())

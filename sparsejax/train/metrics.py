@@ -33,6 +33,11 @@ class MetricsWriter:
       f.writelines(json.dumps(r) + "\n" for r in kept)
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    """Appends one record; FileNotFoundError if the file was removed since (a deleted
+    workdir must stop the run, not start a new partial history)."""
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"cannot log step {step}: {self.path} no longer exists "
+                              "(was the workdir deleted?)")
     record = {"step": int(step), "split": split,
               **{k: _to_python(v) for k, v in values.items()}}
     with open(self.path, "a") as f:

@@ -6,6 +6,11 @@ resumes from the latest checkpoint (params, optimizer, non-parameter model state
 and data-iterator position), so an interrupted run continued to N steps ends with the
 same params as an uninterrupted N-step run. The train step is `jax.jit` with in/out
 shardings (pjit) under `jax.set_mesh`; the state is created directly sharded.
+
+Nothing is lost on interruption: the first Ctrl-C lets the step in flight finish and
+saves it (the step donates its input state, so stopping mid-step would lose it); a
+second Ctrl-C stops at once. A corrupt newest checkpoint is moved aside and the run
+resumes from the newest one that restores; a failed save stops the run at once.
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,12 +38,14 @@ from sparsejax import sharding
 from sparsejax.interop import hf
 from sparsejax.models import DecoderLM
 from sparsejax.train import data as data_lib
-from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
+from sparsejax.train.checkpoint import (CheckpointError, Checkpointer,
+                                       abstract_with_shardings)
 from sparsejax.train.config import Config, config_to_dict, parse_config
 from sparsejax.train.metrics import MetricsWriter, bits_per_byte, progress_bar
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import (TrainState, split_variables, sown_metrics,
                                    sum_aux_losses)
+from sparsejax.validation import ConfigError, check
 
 Hook = Callable[[int, TrainState], None]
 
@@ -54,8 +66,9 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(
         config.optim, config.train.num_steps,
         extra_multipliers=config.model.lr_multipliers(config.train.num_steps))
+    rng = jax.random.key(0)   # before the mesh: AOT (compile-only) meshes hold no arrays
     with self.activate():
-      boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+      boxed = jax.eval_shape(self._init_boxed, rng)
       self.state_shardings = sharding.tree_shardings(boxed, self.mesh)
       self.abstract_state = sharding.unbox(boxed)
       self._init = jax.jit(lambda rng: sharding.unbox(self._init_boxed(rng)),
@@ -124,7 +137,8 @@ class Trainer:
   def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
     """Mean val loss (nats/token), bits-per-byte and sown metrics (e.g. per-projection
     activation sparsity) over the first `num_batches` val batches."""
-    it = iter(data_lib.make_dataset(self.config.data, "val"))
+    it = iter(data_lib.make_dataset(self.config.data, "val",
+                                    vocab_size=self.config.model.vocab_size))
     with self.activate():
       batches = [jax.device_get(self._eval_step(state, self.global_batch(next(it))))
                  for _ in range(num_batches)]
@@ -167,20 +181,29 @@ def restore_run(path: str, *, step: int | None = None,
   """(config, train state, step) of a run's checkpoint (the latest when step is None).
 
   `path` is a training workdir or its `checkpoints/` directory. The state is placed on
-  `mesh` (default: all local devices on "data"), whatever mesh the run used.
+  `mesh` (default: all local devices on "data"), whatever mesh the run used. Without
+  `step`, unreadable newer checkpoints are skipped with one line each on stderr.
   """
   directory = next((d for d in (os.path.join(path, "checkpoints"), path)
                     if os.path.isdir(d)), None)
   if directory is None:
     raise FileNotFoundError(f"{path!r} is neither a training workdir (with "
                             "checkpoints/) nor a checkpoint directory")
+  run_config = lambda saved: parse_config({**saved, "mesh": {}})
   ckpt = Checkpointer(directory)
   try:
-    step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    config = parse_config({**ckpt.restore_config(step), "mesh": {}})
-    state, _ = ckpt.restore(step, Trainer(config, mesh=mesh).restore_target())
+      restored = ckpt.restore_latest(
+          lambda saved: Trainer(run_config(saved), mesh=mesh).restore_target())
+      if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+      for skipped, why in restored.skipped:
+        print(f"warning: skipped unreadable checkpoint {directory}/{skipped} ({why})",
+              file=sys.stderr)
+      config, state, step = run_config(restored.config), restored.state, restored.step
+    else:
+      config = run_config(ckpt.restore_config(step))
+      state, _ = ckpt.restore(step, Trainer(config, mesh=mesh).restore_target())
   finally:
     ckpt.close()
   return config, state, int(step)
@@ -207,52 +230,134 @@ def load_params(workdir: str, trainer: Trainer) -> Any:
 
 
 # Model fields that change no parameter or data order: they may differ on resume.
-_RESUME_FREE_MODEL_FIELDS = ("kernel_impl",)
+_RESUME_FREE_MODEL_FIELDS = ("config.model.kernel_impl",)
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+  """{"prefix.a.b": leaf} of a nested dict (an empty dict is a leaf)."""
+  if not isinstance(tree, Mapping) or not tree:
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (saved value, current value)} of the config fields that differ; a
+  field missing from an older checkpoint's config counts as its default."""
+  default = _flat(config_to_dict(Config()), "config")
+  old, new = _flat(saved, "config"), _flat(current, "config")
+  values = {k: (old.get(k, default.get(k)), new.get(k, default.get(k)))
+            for k in sorted(old.keys() | new.keys())}
+  return {k: (a, b) for k, (a, b) in values.items() if a != b}
 
 
 def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
-  free = lambda model: {k: v for k, v in (model or {}).items()
-                        if k not in _RESUME_FREE_MODEL_FIELDS}
-  saved = {**saved, "model": free(saved.get("model"))}
-  current = {**current, "model": free(current["model"])}
+  """Raises ConfigError naming the fields if the run in `workdir` has another model
+  or data config (a resume must continue the same model on the same data)."""
+  changes = config_changes(saved, current)
   for section in ("model", "data"):
-    if saved.get(section) != current[section]:
-      raise ValueError(
+    refused = [f"{k}={a!r}, now {b!r}" for k, (a, b) in changes.items()
+               if k.startswith(f"config.{section}.") and k not in _RESUME_FREE_MODEL_FIELDS]
+    if refused:
+      raise ConfigError(
           f"--workdir={workdir} holds a run with a different config.{section} "
-          f"({saved.get(section)} vs now {current[section]}); resume it with its own "
-          "config or use a new --workdir")
+          f"({'; '.join(refused)}); resume it with its own config or use a new --workdir")
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates `workdir`; ConfigError if it is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    tempfile.TemporaryFile(dir=workdir).close()
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
+def _check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """The global batch must split evenly over the data-parallel mesh axes."""
+  axes = {a: mesh.shape[a] for a in sharding.BATCH_AXES}
+  ways = math.prod(axes.values())
+  check(batch_size % ways == 0, "config.data.batch_size", batch_size,
+        f"divisible by the {ways} data-parallel devices (mesh {axes})")
+
+
+def _is_deleted(tree: Any) -> bool:
+  """Whether any array of `tree` was donated to (and deleted by) a jitted step."""
+  return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
+
+
+class _DeferredInterrupt:
+  """Context: the first Ctrl-C (SIGINT) only sets `requested`, so the loop finishes
+  the step in flight and saves it; a second one raises KeyboardInterrupt at once.
+  Python sets signal handlers in the main thread only; elsewhere this does nothing."""
+
+  def __enter__(self) -> _DeferredInterrupt:
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle) or \
+          signal.default_int_handler
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
 
 
 def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainResult:
   """Trains (or resumes) the run in `workdir`; returns the final state and metrics.
 
-  `hooks(step, state)` run at the end of every step (after its logging and checkpoint). A KeyboardInterrupt (Ctrl-C, or raised by
-  a hook) saves a checkpoint of the last completed step before propagating. A NaN/Inf
-  loss or gradient norm stops the run with FloatingPointError without saving it.
+  `hooks(step, state)` run at the end of every step (after its logging and checkpoint).
+  Ctrl-C (SIGINT, main thread) finishes the step in flight; then, as for a
+  KeyboardInterrupt raised by a hook, the last completed step is saved before the
+  KeyboardInterrupt propagates. A NaN/Inf loss or gradient norm stops the run with
+  FloatingPointError without saving it; a failed save raises CheckpointError at once.
+  Bad settings (workdir, mesh, batch, data, a different model in `workdir`) raise
+  ConfigError naming the field before any step.
   """
   if config.train.init_from_hf:  # the checkpoint's architecture and tokenizer
     config = hf.with_hf_model(config)
   cfg = config.train
+  _prepare_workdir(workdir)
   trainer = trainer_for(config)
-  os.makedirs(workdir, exist_ok=True)
+  _check_batch(config.data.batch_size, trainer.mesh)
   config_dict = config_to_dict(config)
+  train_iter = iter(data_lib.make_dataset(config.data, "train",
+                                          vocab_size=config.model.vocab_size))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       max_to_keep=cfg.keep_checkpoints)
-  train_iter = iter(data_lib.make_dataset(config.data, "train"))
-  start = ckpt.latest_step()
-  if start is None and cfg.init_from:
+
+  def resume_target(saved: dict) -> Any:
+    _check_resumable(saved, config_dict, workdir)
+    return trainer.restore_target()
+
+  restored = ckpt.restore_latest(resume_target)
+  if restored is None and cfg.init_from:
     start, state = 0, trainer.state_from_params(load_params(cfg.init_from, trainer))
     print(f"Initialized params from {cfg.init_from}")
-  elif start is None and cfg.init_from_hf:
+  elif restored is None and cfg.init_from_hf:
     start, state = 0, trainer.state_from_params(hf.load_params_for(trainer))
     print(f"Initialized params from {cfg.init_from_hf}")
-  elif start is None:
+  elif restored is None:
     start, state = 0, trainer.init_state()
   else:
-    _check_resumable(ckpt.restore_config(start), config_dict, workdir)
-    state, data_state = ckpt.restore(start, trainer.restore_target())
-    train_iter.set_state(data_state)
+    for step, why in restored.skipped:
+      print(f"warning: checkpoint step {step} does not restore ({why}); moved it to "
+            f"{ckpt.set_aside(step)}", file=sys.stderr)
+    start, state = restored.step, restored.state
+    train_iter.set_state(restored.data_state)
     print(f"Resumed from {ckpt.directory}/{start}")
+    changes = config_changes(restored.config, config_dict)
+    if changes:
+      print("Resuming with changed " + ", ".join(f"{k} ({a!r} -> {b!r})"
+                                                 for k, (a, b) in changes.items()))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
 
   def save(step: int) -> None:
@@ -262,48 +367,59 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
   bar = progress_bar(cfg.num_steps, start)
   window: list[float] = []
   t0, tokens_per_s, final_val = time.perf_counter(), 0.0, None
-  try:
-    for step in range(start + 1, cfg.num_steps + 1):
-      batch = trainer.global_batch(next(train_iter))
-      new_state, metrics = trainer.train_step(state, batch)
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-        raise FloatingPointError(
-            f"loss={loss}, grad_norm={grad_norm} at step {step}: training diverged and "
-            f"was stopped. The last good checkpoint is step {ckpt.latest_step()} in "
-            f"{ckpt.directory}; lower config.optim.learning_rate or raise "
-            "config.optim.warmup_steps and rerun.")
-      state = new_state
-      window.append(loss)
-      bar.update(1)
-      if step % cfg.log_every == 0 or step == cfg.num_steps:
-        elapsed = time.perf_counter() - t0
-        tokens_per_s = tokens_per_step * len(window) / max(elapsed, 1e-9)
-        record = {k: float(v) for k, v in metrics.items()}
-        record.update(loss=float(np.mean(window)), tokens_per_s=tokens_per_s)
-        writer.write(step, "train", record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        window, t0 = [], time.perf_counter()
-      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
-        val = trainer.evaluate(state, cfg.eval_batches)
-        writer.write(step, "val", val)
-        final_val = val if step == cfg.num_steps else None
-        bar.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
-      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
-          step == cfg.num_steps:
-        save(step)
-      for hook in hooks:
-        hook(step, state)
-  except KeyboardInterrupt:
-    if int(state.step) > (ckpt.latest_step() or 0):
-      save(int(state.step))
-    ckpt.wait()
-    bar.write(f"Interrupted: saved step {int(state.step)}; rerun the same command "
-              "to resume.")
-    raise
-  finally:
-    bar.close()
-    ckpt.wait()
+  with _DeferredInterrupt() as interrupt:
+    try:
+      for step in range(start + 1, cfg.num_steps + 1):
+        batch = trainer.global_batch(next(train_iter))
+        new_state, metrics = trainer.train_step(state, batch)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+          raise FloatingPointError(
+              f"loss={loss}, grad_norm={grad_norm} at step {step}: training diverged and "
+              f"was stopped. The last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}; lower config.optim.learning_rate or raise "
+              "config.optim.warmup_steps and rerun.")
+        state = new_state
+        window.append(loss)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          elapsed = time.perf_counter() - t0
+          tokens_per_s = tokens_per_step * len(window) / max(elapsed, 1e-9)
+          record = {k: float(v) for k, v in metrics.items()}
+          record.update(loss=float(np.mean(window)), tokens_per_s=tokens_per_s)
+          writer.write(step, "train", record)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+          window, t0 = [], time.perf_counter()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
+          val = trainer.evaluate(state, cfg.eval_batches)
+          writer.write(step, "val", val)
+          final_val = val if step == cfg.num_steps else None
+          bar.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
+            step == cfg.num_steps:
+          save(step)
+        for hook in hooks:
+          hook(step, state)
+        ckpt.check()
+        if interrupt.requested:
+          raise KeyboardInterrupt
+    except KeyboardInterrupt:
+      bar.close()
+      intact = not _is_deleted(state)   # a second Ctrl-C can stop a step holding it
+      if intact and int(state.step) > (ckpt.latest_step() or 0):
+        save(int(state.step))
+      ckpt.wait()
+      print(f"Interrupted: saved step {int(state.step)}; rerun the same command to "
+            "resume." if intact else "Interrupted mid-step: nothing saved; the last "
+            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+      raise
+    except BaseException:
+      with contextlib.suppress(CheckpointError):   # let pending saves land; keep the error
+        ckpt.wait()
+      raise
+    finally:
+      bar.close()
+  ckpt.wait()
   ckpt.close()
   final = final_val or trainer.evaluate(state, cfg.eval_batches)
   final.update(step=int(state.step), tokens_per_s=tokens_per_s)

@@ -231,6 +231,43 @@ def test_errors(tmp_path):
     data.load_tokens(data.DataConfig(path=str(bad)), "train")
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16])
+def test_token_ids_outside_the_vocab_are_rejected_naming_the_shard(tmp_path, dtype):
+  rng = np.random.default_rng(7)
+  vocab = 1000
+  for i in range(4):
+    np.save(tmp_path / f"s{i}.npy", rng.integers(0, vocab, 3000).astype(dtype))
+  cfg = data.DataConfig(path=str(tmp_path), val_fraction=0.5, seq_len=16, batch_size=2)
+  for split in ("train", "val"):   # in range: accepted, same tokens as unchecked
+    np.testing.assert_array_equal(data.load_tokens(cfg, split, vocab_size=vocab),
+                                  data.load_tokens(cfg, split))
+  bad_id, at = (-3, 1234) if np.issubdtype(dtype, np.signedinteger) else (vocab, 2999)
+  tokens = rng.integers(0, vocab, 3000).astype(dtype)
+  tokens[at] = bad_id
+  tokens[at + 1:] = vocab + 5           # only the first bad id is reported
+  name = "s0.npy"   # rewritten: checked again although it passed before
+  np.save(tmp_path / name, tokens)
+  split = "val" if _hash_val(name, 0.5) else "train"
+  with pytest.raises(validation.ConfigError,
+                     match=rf"config\.data\.path='.*{name}': token id {bad_id} at index "
+                           rf"{at} is outside \[0, {vocab}\) \(config\.model\.vocab_size"):
+    data.make_dataset(cfg, split, vocab_size=vocab, process_index=0, process_count=1)
+  # A single .npy file is checked whole, whichever split is asked for.
+  cfg1 = data.DataConfig(path=str(tmp_path / name), val_fraction=0.5)
+  for split in ("train", "val"):
+    with pytest.raises(validation.ConfigError, match=f"token id {bad_id} at index {at}"):
+      data.load_tokens(cfg1, split, vocab_size=vocab)
+
+
+def test_text_bytes_are_checked_against_a_small_vocab(text_file):
+  cfg = data.DataConfig(path=str(text_file))
+  assert len(data.load_tokens(cfg, "train", vocab_size=256))
+  first = int(np.argmax(data.load_tokens(cfg, "train") >= 100))
+  with pytest.raises(validation.ConfigError, match=rf"corpus\.txt': token id \d+ at "
+                                                   rf"index {first} is outside \[0, 100\)"):
+    data.load_tokens(cfg, "train", vocab_size=100)
+
+
 # ---------------------------------------------------------------- checkpointing
 
 

@@ -66,3 +66,33 @@ def test_bad_sampling_arguments(model_vars):
   with pytest.raises(ValueError, match="top_p"):
     gen.generate(model, variables, tokens[:, :2], jax.random.key(0), max_new_tokens=2,
                  temperature=1.0, top_p=0.0)
+
+
+def test_generate_text_empty_prompt_starts_a_document_and_zero_tokens_is_empty(
+    model_vars):
+  model, variables, _ = model_vars
+  text = gen.generate_text(model, variables, "", max_new_tokens=5, temperature=0.0)
+  ref = np.zeros((1, 1), np.int32)              # the EOS token (byte 0) as the context
+  for _ in range(5):
+    nxt = np.argmax(np.asarray(model.apply(variables, jnp.asarray(ref)))[:, -1], -1)
+    ref = np.concatenate([ref, nxt[:, None]], 1)
+  assert text == bytes(ref[0, 1:].tolist()).decode("utf-8", errors="replace")
+  assert gen.generate_text(model, variables, "def ", max_new_tokens=0) == ""
+  assert gen.generate_text(model, variables, "", max_new_tokens=0) == ""
+
+  class NoEos:
+    eos_id = None
+    encode_batch = staticmethod(lambda texts: [np.zeros((0,), np.int32) for _ in texts])
+
+  with pytest.raises(ValueError, match="prompt='' is empty"):
+    gen.generate_text(model, variables, "", max_new_tokens=3, tokenizer=NoEos())
+
+
+def test_generate_edge_lengths(model_vars):
+  model, variables, tokens = model_vars
+  out = gen.generate(model, variables, tokens[:, :4], jax.random.key(0), max_new_tokens=0)
+  np.testing.assert_array_equal(out, tokens[:, :4])
+  with pytest.raises(ValueError, match=r"prompt has shape \(3, 0\)"):
+    gen.generate(model, variables, tokens[:, :0], jax.random.key(0), max_new_tokens=2)
+  with pytest.raises(ValueError, match="max_new_tokens=-1"):
+    gen.generate(model, variables, tokens[:, :2], jax.random.key(0), max_new_tokens=-1)

@@ -1,7 +1,11 @@
 """Trainer: learning, exact resume after interruption, NaN stop, aux losses, model state."""
 
 import dataclasses
+import glob
 import os
+import shutil
+import signal
+import time
 
 import chex
 import flax.linen as nn
@@ -15,7 +19,8 @@ from sparsejax.layers import registry
 from sparsejax.layers.ffn import GatedFFN
 from sparsejax.train.config import parse_config
 from sparsejax.train.metrics import read_metrics
-from sparsejax.train.trainer import train
+from sparsejax.train.checkpoint import CheckpointError
+from sparsejax.train.trainer import restore_run, train, trainer_for
 from sparsejax.validation import ConfigError
 
 
@@ -144,11 +149,18 @@ def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_pat
       resumed.state.model_state["counters"]["block_1"]["ffn"]["calls"], 8)
 
 
-def test_resume_with_a_different_model_is_refused(tmp_path):
+def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys):
   train(parse_config(tiny_config_dict(train=dict(num_steps=3))), str(tmp_path))
   other = parse_config(tiny_config_dict(model=dict(num_layers=3)))
-  with pytest.raises(ValueError, match="different config.model"):
+  with pytest.raises(ConfigError, match=r"different config\.model "
+                                        r"\(config\.model\.num_layers=2, now 3\)"):
     train(other, str(tmp_path))
+  capsys.readouterr()
+  train(parse_config(tiny_config_dict(optim=dict(learning_rate=1e-3),
+                                      train=dict(num_steps=4))), str(tmp_path))
+  changed = [l for l in capsys.readouterr().out.splitlines() if "changed" in l]
+  assert changed == ["Resuming with changed config.optim.learning_rate (0.003 -> 0.001), "
+                     "config.train.num_steps (3 -> 4)"]
 
 
 @pytest.mark.parametrize("section,overrides,field", [
@@ -194,3 +206,128 @@ def test_init_from_dense_run_continues_as_qsparse(tmp_path):
     train(parse_config(tiny_config_dict(model=dict(num_layers=3),
                                         train=dict(init_from=str(tmp_path / "dense")))),
           str(tmp_path / "y"))
+
+
+# ------------------------------------------------ interruption, corruption, bad settings
+
+
+def _sigint_after_dispatch(monkeypatch, trainer, at, times=1):
+  """Sends SIGINT `times` times right after step `at` is dispatched (its input state is
+  already donated, its result not yet computed): a user's Ctrl-C mid-step."""
+  step_fn, calls = trainer._train_step, []
+
+  def step_then_sigint(state, batch):
+    out = step_fn(state, batch)
+    calls.append(1)
+    if len(calls) == at:
+      for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+
+  monkeypatch.setattr(trainer, "_train_step", step_then_sigint)
+
+
+def test_ctrl_c_mid_step_saves_that_step_and_resumes_exactly(tmp_path, monkeypatch,
+                                                               capsys):
+  config = parse_config(tiny_config_dict())
+  straight = train(config, str(tmp_path / "straight"))
+  with monkeypatch.context() as m:
+    _sigint_after_dispatch(m, trainer_for(config), at=4)
+    with pytest.raises(KeyboardInterrupt):
+      train(config, str(tmp_path / "resumed"))
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert "Interrupted: saved step 4;" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"), key=int) == ["3", "4"]
+  resumed = train(config, str(tmp_path / "resumed"))
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path,
+                                                                     monkeypatch, capsys):
+  config = parse_config(tiny_config_dict())
+  with monkeypatch.context() as m:
+    _sigint_after_dispatch(m, trainer_for(config), at=5, times=2)
+    with pytest.raises(KeyboardInterrupt):
+      train(config, str(tmp_path))
+  assert "nothing saved; the last checkpoint is step 3" in capsys.readouterr().out
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _corrupt(step_dir, how):
+  if how == "truncated array file":
+    for name in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+      with open(name, "r+b") as f:
+        f.truncate(os.path.getsize(name) // 2)
+  elif how == "broken metadata":
+    with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+      f.write("{not json")
+  else:
+    shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+def test_corrupt_newest_checkpoints_are_skipped_and_set_aside(tmp_path, capsys):
+  config = parse_config(tiny_config_dict(train=dict(checkpoint_every=1,
+                                                    keep_checkpoints=4)))
+  straight = train(config, str(tmp_path))
+  ckpts = tmp_path / "checkpoints"
+  kinds = {6: "truncated array file", 5: "broken metadata", 4: "missing state/"}
+  for step, how in kinds.items():
+    _corrupt(str(ckpts / str(step)), how)
+  capsys.readouterr()
+  # Reading a run (e.g. to generate) falls back without touching anything.
+  _, state, step = restore_run(str(tmp_path))
+  assert step == 3 and sorted(os.listdir(ckpts), key=int) == ["3", "4", "5", "6"]
+  assert capsys.readouterr().err.count("warning: skipped unreadable checkpoint") == 3
+  # Resuming trains steps 4-6 again from step 3 and ends where the first run ended.
+  resumed = train(config, str(tmp_path))
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(lines) == 3
+  for line, (step, how) in zip(lines, kinds.items()):
+    assert f"checkpoint step {step} does not restore (" in line
+    assert f"moved it to {ckpts}.unreadable/{step}" in line
+    assert os.path.isdir(f"{ckpts}.unreadable/{step}")   # kept, never deleted
+  assert "missing" not in lines[0] and "state" in lines[2]   # the reasons differ
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
+  assert sorted(os.listdir(ckpts), key=int) == ["3", "4", "5", "6"]
+
+
+@pytest.mark.parametrize("log_every,error", [(100, CheckpointError),
+                                             (1, FileNotFoundError)])
+def test_deleted_workdir_stops_at_the_next_write(tmp_path, log_every, error):
+  config = parse_config(tiny_config_dict(train=dict(
+      num_steps=8, checkpoint_every=2, log_every=log_every, eval_every=0)))
+  workdir, seen = str(tmp_path / "run"), []
+
+  def delete_at_3(step, state):   # between saves: after step 2's (async) save landed
+    seen.append(step)
+    while step == 3 and not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+      time.sleep(0.05)
+    if step == 3:
+      shutil.rmtree(workdir)
+
+  with pytest.raises(error, match=r"step 4: .*no longer exists \(was the workdir "
+                                  r"deleted\?\)"):
+    train(config, workdir, hooks=[delete_at_3])
+  assert seen == [1, 2, 3]
+
+
+def test_bad_settings_fail_before_training_naming_the_field(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(ConfigError, match="--workdir=.*afile is a file"):
+    train(parse_config(tiny_config_dict()), str(afile))
+  with pytest.raises(ConfigError, match="--workdir=.*afile/run is not writable"):
+    train(parse_config(tiny_config_dict()), str(afile / "run"))
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size=6 is invalid: must "
+                                        r"be divisible by the 8 data-parallel devices"):
+    train(parse_config(tiny_config_dict(data=dict(batch_size=6))), str(tmp_path / "b"))
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  np.save(shards / "a.npy", np.arange(2000, dtype=np.int32) % 256)
+  np.save(shards / "b.npy", np.full(2000, 300, np.int32))
+  with pytest.raises(ConfigError, match=r"b\.npy'.*token id 300 at index 0 is outside "
+                                        r"\[0, 256\)"):
+    train(parse_config(tiny_config_dict(data=dict(path=str(shards), val_fraction=0.5))),
+          str(tmp_path / "c"))
+  assert not os.listdir(tmp_path / "c")   # nothing written

@@ -1,0 +1,106 @@
+"""Every `python experiments/...` command in README.md's code blocks works as written:
+its flags parse, a train.py command's config and overrides pass `parse_config`, and
+the train.py commands train one step (slow)."""
+
+import os
+import re
+import shlex
+import sys
+
+import pytest
+from absl import flags
+
+from conftest import REPO, experiment_module, run_main
+
+_ONE_STEP = ["--config.train.num_steps=1", "--config.train.eval_batches=1",
+             "--config.train.sample_tokens=0", "--config.data.batch_size=8"]
+
+
+def readme_commands():
+  """[(script path, args)] of the README's shell code blocks, in order."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    blocks = re.findall(r"```(?:sh|bash|shell)\n(.*?)```", f.read(), re.S)
+  commands = []
+  for block in blocks:
+    for line in block.replace("\\\n", " ").splitlines():
+      words = shlex.split(line, comments=True)
+      if len(words) >= 2 and words[0].endswith("python") and \
+          words[1].startswith("experiments/"):
+        commands.append((words[1], words[2:]))
+  return commands
+
+
+COMMANDS = readme_commands()
+TRAIN = [args for script, args in COMMANDS if script == "experiments/train.py"]
+
+
+def _parse(script, args, monkeypatch):
+  """Parses `args` with the script's flags (config overrides are read from sys.argv);
+  returns the validated Config for train.py, else None."""
+  name = os.path.splitext(os.path.basename(script))[0]
+  argv = [script, *args]
+  monkeypatch.setattr(sys, "argv", argv)
+  with experiment_module(name) as module:
+    flags.FLAGS(argv)
+    try:
+      return module.load_config() if name == "train" else None
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
+def test_readme_has_the_commands():
+  scripts = {script for script, _ in COMMANDS}
+  assert len(TRAIN) >= 10 and {"experiments/train.py", "experiments/qsparse.py",
+                               "experiments/bench_moe.py"} <= scripts
+
+
+@pytest.mark.parametrize("script,args", COMMANDS,
+                         ids=[" ".join([s[12:], *a])[:80] for s, a in COMMANDS])
+def test_command_parses(script, args, monkeypatch):
+  monkeypatch.chdir(REPO)
+  assert os.path.isfile(script), f"README runs {script}, which does not exist"
+  config = _parse(script, args, monkeypatch)
+  if script == "experiments/train.py":
+    overrides = dict(a[len("--config."):].split("=", 1) for a in args
+                     if a.startswith("--config.") and "=" in a)
+    for field, value in overrides.items():   # each override reached the Config
+      section, *path = field.split(".")
+      got = getattr(config, section)
+      for part in path:
+        got = got[part] if isinstance(got, dict) or hasattr(got, "keys") \
+            else getattr(got, part)
+      assert str(got).lower() == value.lower() or got == type(got)(value), field
+
+
+def test_fields_left_at_their_default_can_be_overridden(monkeypatch):
+  """A config file need not list a field (or an option) for it to be overridable."""
+  monkeypatch.chdir(REPO)
+  config = _parse("experiments/train.py", [
+      "--config=experiments/configs/moe.py", "--config.model.remat=True",
+      "--config.mesh.expert=4", "--config.model.ffn_options.expert_parallel=True",
+      "--config.model.ffn_options.dispatch=capacity"], monkeypatch)
+  assert config.model.remat is True and config.mesh.expert == 4
+  assert config.model.ffn_options["expert_parallel"] is True
+  with pytest.raises(ValueError, match=r"config\.model\.num_layrs \(did you mean "
+                                       r"config\.model\.num_layers\?\)"):
+    _parse("experiments/train.py", ["--config=experiments/configs/tiny.py",
+                                    "--config.model.num_layrs=3"], monkeypatch)
+
+
+@pytest.mark.slow
+def test_train_commands_run_one_step(tmp_path, monkeypatch, capsys):
+  """Each README train.py command, run in order from a scratch directory (so a
+  command can use an earlier one's workdir, e.g. init_from=workdir/dense), trains and
+  checkpoints one step with a small batch."""
+  os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
+  monkeypatch.chdir(tmp_path)
+  runnable = [a for a in TRAIN if not any("path/to/" in x or "=..." in x for x in a)]
+  assert len(runnable) >= 10
+  for args in runnable:
+    argv = ["experiments/train.py", *args, *_ONE_STEP]
+    monkeypatch.setattr(sys, "argv", argv)
+    with experiment_module("train") as module:
+      run_main(module, argv)
+    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "1")), args
+    assert "final: step 1" in capsys.readouterr().out, args
