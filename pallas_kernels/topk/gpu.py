@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import triton_params
+from pallas_kernels._common import out_struct, triton_params
 
 MAX_BLOCK = 1 << 20   # Triton's limit on the elements of one block (TRITON_MAX_TENSOR_NUMEL)
 
@@ -119,10 +119,10 @@ def topk_sparsify_gpu(x2d: jax.Array, k: int, *, interpret: bool = False,
     num_warps = default_num_warps(d)
   lo_bit = key_low_bit(x2d.dtype)
   itemsize = jnp.dtype(x2d.dtype).itemsize
-  out_shape = [jax.ShapeDtypeStruct((r, d), x2d.dtype)]
+  out_shape = [out_struct((r, d), x2d.dtype, x2d)]
   out_specs = [pl.BlockSpec((None, d), lambda i: (i, 0))]
   if return_threshold:
-    out_shape += [jax.ShapeDtypeStruct((r,), jnp.int32)] * 2
+    out_shape += [out_struct((r,), jnp.int32, x2d)] * 2
     out_specs += [pl.BlockSpec((None,), lambda i: (i,))] * 2
   outs = pl.pallas_call(
       functools.partial(_kernel, k=k, d=d, block=block, lo_bit=lo_bit),

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._common import out_struct
+
 LANES = 128
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 VMEM_BUDGET = 16 << 20     # the default scoped-VMEM limit of TPU v5e (bytes)
@@ -138,10 +140,10 @@ def topk_sparsify_tpu(x2d: jax.Array, k: int, *, interpret=False,
   lo_bit = key_low_bit(x2d.dtype)
   itemsize = jnp.dtype(x2d.dtype).itemsize
   passes = 31 - lo_bit
-  out_shape = [jax.ShapeDtypeStruct((rp, dp), x2d.dtype)]
+  out_shape = [out_struct((rp, dp), x2d.dtype, xp)]
   out_specs = [pl.BlockSpec((tr, dp), lambda i: (i, 0))]
   if return_threshold:
-    out_shape += [jax.ShapeDtypeStruct((rp, 1), jnp.int32)] * 2
+    out_shape += [out_struct((rp, 1), jnp.int32, xp)] * 2
     out_specs += [pl.BlockSpec((tr, 1), lambda i: (i, 0))] * 2
   outs = pl.pallas_call(
       functools.partial(_kernel, k=k, r=r, d=d, lo_bit=lo_bit),
