@@ -1,4 +1,4 @@
-"""Mixture-of-Experts FFN: the "moe" entry of the FFN registry (see specs/moe.md).
+"""Mixture-of-Experts FFN: the "moe" entry of the FFN registry (docs/moe.md).
 
     config.model.ffn = "moe"
     config.model.ffn_options = dict(num_experts=8, top_k=2, d_expert=0, num_shared=0,

@@ -1,5 +1,5 @@
 """Q-Sparse and BitNet b1.58 linear projections: the "qsparse", "bitnet" and
-"bitnet_qsparse" entries of the linear registry (see specs/qsparse_bitnet.md).
+"bitnet_qsparse" entries of the linear registry (docs/qsparse_bitnet.md).
 
 Both modules are drop-in replacements for `Dense` (same constructor, same single
 "kernel" param with the same shape and logical axes — so a dense checkpoint can be

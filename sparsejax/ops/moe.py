@@ -1,4 +1,4 @@
-"""Mixture-of-Experts math (see specs/moe.md): routers, balancing losses and dispatch.
+"""Mixture-of-Experts math (docs/moe.md): routers, balancing losses and dispatch.
 
 Shapes: T tokens, D model dim, E experts, k experts per token, F expert hidden dim.
 

@@ -1,4 +1,4 @@
-"""Expert parallelism for the capacity (GShard) MoE dispatch (see specs/moe.md).
+"""Expert parallelism for the capacity (GShard) MoE dispatch (docs/moe.md).
 
   moe_ffn_expert_parallel(x [T,D], weights [T,k], experts [T,k], w_gate | None [E,D,F],
                           w_up [E,D,F], w_down [E,F,D], *, mesh, ...)
