@@ -70,11 +70,31 @@ def _select_blocks(q, k_cache, positions, kv_length, cfg: BlockTopK):
   return jax.lax.top_k(jax.lax.stop_gradient(scores), k)[1]
 
 
+def _check_args(q, k_cache, v_cache, q_positions, cfg: BlockTopK) -> None:
+  """ValueError naming the argument for shapes the op cannot take; validates `cfg`."""
+  cfg.validate("cfg")
+  for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [B, T, H, D], got shape {x.shape}")
+  b, t, hq, d = q.shape
+  if k_cache.shape[0] != b or k_cache.shape[3] != d:
+    raise ValueError(f"k_cache {k_cache.shape} must be [B={b}, S, Hkv, D={d}]")
+  if v_cache.shape[:3] != k_cache.shape[:3]:
+    raise ValueError(f"v_cache {v_cache.shape} must match k_cache {k_cache.shape} in "
+                     "[B, S, Hkv]")
+  if hq % k_cache.shape[2]:
+    raise ValueError(f"the query heads Hq={hq} must be a multiple of k_cache's "
+                     f"Hkv={k_cache.shape[2]}")
+  if q_positions.shape != (b, t):
+    raise ValueError(f"q_positions {q_positions.shape} must be [B={b}, T={t}]")
+
+
 def block_topk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          q_positions: jax.Array, kv_length: jax.Array, cfg: BlockTopK,
                          extra_mask: Callable | None = None) -> jax.Array:
   """Sparse decode attention (module docstring). `extra_mask(q_pos, k_pos) -> bool`
   (broadcasting) further restricts the keys, e.g. a structured mask's predicate."""
+  _check_args(q, k_cache, v_cache, q_positions, cfg)
   b, t, hq, d = q.shape
   s, hkv = k_cache.shape[1], k_cache.shape[2]
   group = hq // hkv

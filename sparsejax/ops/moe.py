@@ -72,6 +72,7 @@ def route(logits: jax.Array, k: int, *, scoring: str = "softmax",
   """
   if scoring not in SCORINGS:
     raise ValueError(f"scoring={scoring!r} must be one of {SCORINGS}")
+  _check_float(logits, "logits")
   num_experts = logits.shape[-1]
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must be in [1, {num_experts}] for {num_experts} experts")
@@ -142,7 +143,13 @@ def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
 
 # ---------------------------------------------------------------------------- dispatch
 
+def _check_float(x, name: str) -> None:
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point, got dtype {jnp.asarray(x).dtype}")
+
+
 def _check_shapes(x, weights, experts, w_gate, w_up, w_down):
+  _check_float(x, "x")
   if x.ndim != 2:
     raise ValueError(f"x must be [T, D], got shape {x.shape}")
   t, d = x.shape

@@ -80,9 +80,6 @@ def test_bad_config_raises(field, value):
     BlockTopK(**{field: value}).validate()
 
 
-@pytest.mark.xfail(strict=True, reason="block_topk_attention checks no shapes: GQA "
-                   "mismatch fails inside a reshape without naming an argument; see "
-                   "tests/property report")
 def test_bad_shapes_name_the_argument():
   q = np.ones((1, 1, 3, 4), np.float32)
   k = np.ones((1, 8, 2, 4), np.float32)

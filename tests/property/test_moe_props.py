@@ -258,8 +258,6 @@ def test_bad_arguments_raise(data):
     route(logits, 1, bias=np.zeros(e + 1, np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="moe_ffn/moe_decode/route accept integer x / "
-                   "logits (integer expert outputs); see tests/property report")
 def test_integer_activations_are_refused():
   w = np.ones((3, 4, 5), np.float32)
   for dtype, dispatch in zip((np.int32, np.int8, np.uint8, np.int32), DISPATCHES):
