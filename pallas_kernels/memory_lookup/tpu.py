@@ -15,49 +15,75 @@ tiles: "Offsets along tiled dimensions must be aligned to tiles"):
     packed sublane: each lookup DMAs the aligned row pair V[2⌊r/2⌋ : 2⌊r/2⌋ + 2] into
     an even row pair of a bf16 VMEM buffer; the buffer is bitcast to uint32 words
     (low half = even row, high half = odd row) and the lookup's half is selected by the
-    parity of r with two one-hot matmuls (even / odd lookups). N must be even.
-    This moves 2× the ideal bytes of a bf16 row (the bytes of an f32 row).
+    parity of r (even / odd one-hot matmuls). N must be even. This moves 2× the ideal
+    bytes of a bf16 row (the bytes of an f32 row).
   * d_values metadata (sorted lookups) is DMA'd HBM → SMEM in 128-lane-aligned windows
     of META_WINDOW entries.
 
-Forward (`lookup_fwd_tpu`): grid over token tiles of TL = 8 tokens ("arbitrary": the
-steps run in order). The flat indices [L·K] are scalar-prefetched into SMEM; w, groups
-(and for bf16 the index parities) are VMEM blocks [TL, K]. Each step issues one DMA per
-lookup (HBM → VMEM scratch, TL·K rows or row pairs) for the *next* tile into the other
-slot, then waits for its own tile (double buffering across grid steps, the
-paged-attention pattern), and per token computes the weighted one-hot [G, K] @ rows
-[K, v] on the MXU in f32 (precision HIGHEST). SMEM holds L·K·4 bytes of indices: the
-wrapper chunks the call over tokens so that a chunk holds at most SMEM_TABLE_BYTES
-(256 KiB, 65536 lookups). Rows are not deduplicated within a tile.
+Forward (`lookup_fwd_tpu`): grid (cores, steps) over token tiles of TL tokens
+(`token_tile`: TL·K ≈ LOOKUPS_PER_STEP, TL in [8, 64], a multiple of 8); tile =
+core·steps + step. The leading axis is "parallel" (the two TensorCores of a megacore
+chip, v4 / v5p, each take half the tiles; one core runs both halves in turn), the inner
+one "arbitrary": step s issues the J = TL·K row DMAs (HBM → VMEM) of tile s + 1 into
+the other slot before it waits for its own tile (step 0 of each core first issues its
+own), so the rows of the next tile stream in while the current one computes (the
+paged-attention double buffer); the whole slot is waited for with ONE semaphore wait
+(the DMA semaphore counts bytes; the slot's J copies fill it exactly, as the ragged
+paged-attention kernels wait). The flat indices are scalar-prefetched into SMEM; per
+lookup a code (its output row t·G + g in the tile, + TL·G for odd bf16 rows) and its
+f32 weight arrive as lane-dense [1, J] blocks, from which the block-diagonal weighted
+one-hot W [TL·G, J] is built with one compare, and out_tile = W @ rows [J, v] is ONE
+MXU matmul per step (two for bf16: even / odd rows), f32 HIGHEST. SMEM holds the
+call's indices: the wrapper chunks the call over tokens to ≤ SMEM_TABLE_BYTES
+(256 KiB, 65536 lookups). Rows are not deduplicated: with random lookups into N rows
+a tile of J lookups repeats ≈ J²/(2N) rows (0.5 at J = 512, N = 256k), not worth a sort.
 
 Backward:
   * d_values (`lookup_dvalues_tpu`): deterministic, no atomics. The XLA wrapper builds
-    a CSR of the valid flat lookups sorted by row (stable argsort + bincount/cumsum);
-    grid over value-row tiles of R = 32 rows, each tile's dV block written exactly once.
-    The per-tile bounds into the sorted lookups (int32, scalar-prefetched) are split
-    into calls of at most DVALUES_TILES = SMEM_TABLE_BYTES / 4 − 1 tiles (2M rows);
-    per chunk of C = 64 sorted lookups the kernel DMAs an aligned metadata window (dY
-    row id l·G + g, target row, weight) HBM → SMEM, then the C dY rows (row pairs for
-    bf16) HBM → VMEM, builds the weighted one-hot [R, C] and accumulates
-    one-hot @ dY-rows into an f32 [R, v] scratch on the MXU.
-  * d_weights (`lookup_dweights_tpu`): the forward's gather pipeline over token tiles;
-    dY arrives as a VMEM block [TL, G, v]; per token S = dY[l] @ rows^T [G, K] and
-    dw[l, k] = S[groups[l, k], k] (one-hot select). Output f32 [L, K].
+    a CSR of the valid flat lookups sorted by row (stable argsort + bincount/cumsum)
+    and the list of TOUCHED row tiles (R = 32 rows with ≥ 1 lookup; at most
+    min(⌈N/R⌉, L·K) of them). The grid walks only that list (scalar-prefetched tile
+    ids and lookup ranges, split into calls of ≤ DVALUES_SLOTS tiles for SMEM) with a
+    (cores "parallel", steps "arbitrary") grid; the output is an XLA zeros [N, v]
+    aliased into the kernel (`input_output_aliases`), whose BlockSpec writes exactly
+    the touched tiles, each once: untouched rows keep their zeros without a grid step.
+    Padding slots repeat the last touched tile without recomputing it (its block stays
+    resident); the first step of a core recomputes it (same bits). Per tile, chunks of
+    C = 64 sorted lookups: an aligned metadata window (dY row id l·G + g, target row,
+    weight) HBM → SMEM, then the chunk's dY rows (row pairs for bf16) HBM → VMEM,
+    the weighted one-hot [R, C] and acc += one-hot @ dY-rows on the MXU (f32). The
+    first chunk of the next tile is prefetched during the current one (metadata two
+    steps ahead in a 3-slot SMEM ring, rows one step ahead in a 2-slot VMEM buffer);
+    further chunks of a hot tile are fetched in turn.
+  * d_weights (`lookup_dweights_tpu`): the forward's gather pipeline; dY arrives as a
+    VMEM block [TL·G, v]; S = dY @ rowsᵀ [TL·G, J] (one matmul) and
+    dw[j] = Σ_r [code[j] = r] · S[r, j], stored as a lane-dense [1, J] block. f32 [L, K].
 
-VMEM (bytes, b = 4 for the row buffers of both dtypes, K' = K rounded up to 128 lanes):
-  forward    2·TL·K·v·4 (row slots) + 3·K·v·4 (f32 rows, temporaries)
-             + 2·TL·G·v·4 (out blocks) + 6·TL·K'·4 (w, groups, parity blocks)
-  d_weights  the forward's + 2·TL·G·v·4 (dY blocks)
-  d_values   C·v·4 + 3·R·v·4 + 3·C·v·4
+VMEM (bytes; J = TL·K, J' = J rounded up to 128 lanes, TG = TL·G; b = 4 for the row
+buffers of both dtypes):
+  forward    2·J·v·4 (row slots) + 3·J·v·4 (f32 rows, bf16 halves) + 3·TG·J'·4 (one-hots)
+             + 3·TG·v·4 (out blocks, acc) + 4·8·J'·4 (code, weight blocks)
+  d_weights  the same with the dY blocks (2·TG·v·4) for the out blocks and [1, J] outputs
+  d_values   2·C·v·4 + 3·R·v·4 + 3·C·v·4
 `vmem_bytes` computes the larger of forward and d_weights; `kernel_unmet` in the
 package turns a footprint over VMEM_BUDGET (12 MiB, under v5e's 16 MiB default scoped
 limit) into an XLA fallback for impl="auto".
 
 Roofline (b(·) = bytes per element, FLOPs negligible; HBM bound, and at small v·b(V)
-bound by the DMA issue rate — keep rows ≥ 2-4 KB):
-  forward    L·K·v·b(V) + L·G·v·b(out) + L·K·(4 + 4 + b(w))    (moved: 4 for b(V))
-  d_values   L·K·v·b(dY) + N·v·b(V) + L·K·(4 + 4 + 4) (+ the XLA sort of L·K int32)
-  d_weights  L·K·v·b(V) + L·G·v·b(dY) + L·K·(4 + 4 + 4)
+bound by the DMA issue rate — one descriptor per lookup; keep rows ≥ 2-4 KB):
+  forward    ideal L·K·v·b(V) + L·G·v·b(out) + L·K·(4 + 4 + b(w))
+             moved: b(V) → 4 (bf16 row pairs), + 4 B per lookup of code
+  d_values   ideal L·K·v·b(dY) + N·v·b(V) + L·K·(4 + 4 + 4) (+ the XLA sort of L·K int32)
+             moved: the dY row pairs for bf16; untouched tiles cost the XLA zeros only
+  d_weights  ideal L·K·v·b(V) + L·G·v·b(dY) + L·K·(4 + 4 + 4)  (moved: as the forward)
+Counts at T·H = L = 8192, K = 32, v = 256, N = 262144, G = 1 (computed from
+these tilings by the kernel tests). Before → after:
+  forward / d_weights  grid steps 1024 → 512 (TL 8 → 16, 2 × 256 on a megacore);
+             row DMAs 262144 (unchanged: one per lookup); semaphore waits 262144 → 512;
+             matmuls per step TL = 8 → 1 (2 for bf16)
+  d_values   grid steps 8192 → ≤ 8192 touched tiles (all touched at this shape: random
+             rows hit every 32-row tile; at L = 64 only ≤ 2048 of the 8192), serial DMA
+             round trips per tile 2 → 0 (first chunk prefetched a step ahead).
 """
 
 from __future__ import annotations
@@ -71,16 +97,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (SMEM_TABLE_BYTES, dot, dot_nt, interpret_params,
-                                     out_struct)
+                                     match_vma, out_struct)
 from pallas_kernels.memory_lookup.rule import mask_lookups
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-TOKEN_TILE = 8            # tokens per forward / d_weights grid step
+LOOKUPS_PER_STEP = 512    # target row DMAs per forward / d_weights grid step
+MIN_TOKEN_TILE, MAX_TOKEN_TILE = 8, 64
+NUM_CORES = 2             # leading "parallel" grid axis: the TensorCores of a megacore
 ROW_TILE = 32             # value rows per d_values grid step
 CHUNK = 64                # sorted lookups per d_values DMA chunk
 META_WINDOW = 256         # metadata entries per aligned SMEM window (>= 127 + CHUNK)
 VMEM_BUDGET = 12 * 1024 * 1024  # largest forward / d_weights VMEM footprint accepted
-DVALUES_TILES = SMEM_TABLE_BYTES // 4 - 1   # d_values row tiles per call (SMEM bounds)
+DVALUES_SLOTS = SMEM_TABLE_BYTES // 12   # touched tiles per d_values call (3 tables)
 _LANES = 128
 
 
@@ -89,12 +117,22 @@ def packing(dtype) -> int:
   return 2 if jnp.dtype(dtype) == jnp.bfloat16 else 1
 
 
+def token_tile(k: int) -> int:
+  """Tokens per forward / d_weights step: TL·K ≈ LOOKUPS_PER_STEP, a multiple of 8 in
+  [MIN_TOKEN_TILE, MAX_TOKEN_TILE]."""
+  tl = LOOKUPS_PER_STEP // max(k, 1) // 8 * 8
+  return max(MIN_TOKEN_TILE, min(MAX_TOKEN_TILE, tl))
+
+
 def vmem_bytes(v: int, k: int, num_groups: int) -> int:
   """VMEM footprint (bytes) of the forward / d_weights kernels, the larger one."""
-  tl, kl = TOKEN_TILE, pl.cdiv(k, _LANES) * _LANES
-  forward = 2 * tl * k * v * 4 + 3 * k * v * 4 + 2 * tl * num_groups * v * 4 \
-      + 6 * tl * kl * 4
-  return forward + 2 * tl * num_groups * v * 4
+  tl = token_tile(k)
+  j, tg = tl * k, tl * num_groups
+  jl = pl.cdiv(j, _LANES) * _LANES
+  rows = 2 * j * v * 4 + 3 * j * v * 4 + 3 * tg * jl * 4
+  forward = rows + 3 * tg * v * 4 + 4 * 8 * jl * 4
+  d_weights = rows + 2 * tg * v * 4 + 4 * 8 * jl * 4
+  return max(forward, d_weights)
 
 
 def _pad_tokens(x, lp):
@@ -103,13 +141,14 @@ def _pad_tokens(x, lp):
 
 
 def _unpack_rows(x, p: int):
-  """Rows in a VMEM buffer -> [(f32 rows, parity they hold)] (parity None: all rows).
+  """Rows in a VMEM buffer -> [(f32 rows, parity they hold)] (parity 0 for f32).
 
-  p = 1: x [M, v] f32 -> [(x, None)]. p = 2: x [2M, v] bf16 row pairs -> the even
-  rows (low 16 bits of each uint32 word) and the odd rows (high 16 bits), each [M, v].
+  p = 1: x [M, v] f32 -> [(x, 0)]. p = 2: x [2M, v] bf16 row pairs -> the even
+  rows (low 16 bits of each uint32 word, parity 0) and the odd rows (high 16 bits,
+  parity 1), each [M, v].
   """
   if p == 1:
-    return [(x.astype(jnp.float32), None)]
+    return [(x.astype(jnp.float32), 0)]
   words = pltpu.bitcast(x, jnp.uint32)
   return [(pltpu.bitcast(words << 16, jnp.float32), 0),
           (pltpu.bitcast(words & jnp.uint32(0xFFFF0000), jnp.float32), 1)]
@@ -124,111 +163,80 @@ def _row_copy(src_hbm, row, dst, j, sem, p: int):
                                dst.at[pl.ds(pl.multiple_of(2 * j, 2), 2)], sem)
 
 
-class _RowGather:
-  """Double-buffered row DMAs V[idx[step·TL·K + j]] -> buf[slot, j·p : (j+1)·p]."""
+def _wait_all(ref, sem):
+  """One wait for every copy into `ref` on `sem` (together exactly ref's bytes): a
+  same-sized descriptor, as ragged paged attention waits for a block of pages."""
+  pltpu.make_async_copy(ref, ref, sem).wait()
 
-  def __init__(self, idx_ref, v_hbm, buf, sem, tl: int, k: int, p: int):
-    self.idx_ref, self.v_hbm, self.buf, self.sem, self.tl, self.k, self.p = (
-        idx_ref, v_hbm, buf, sem, tl, k, p)
 
-  def start(self, step, slot):
-    base = step * (self.tl * self.k)
+def _grid_position():
+  """(tile, step, steps) of a (cores, steps) grid: tile = core·steps + step."""
+  s, steps = pl.program_id(1), pl.num_programs(1)
+  return pl.program_id(0) * steps + s, s, steps
 
-    def body(j, carry):
-      _row_copy(self.v_hbm, self.idx_ref[base + j], self.buf.at[slot], j,
-                self.sem.at[slot], self.p).start()
+
+def _gather_rows(idx_ref, v_hbm, buf, sem, *, j: int, p: int):
+  """The double-buffered row DMAs of the forward / d_weights: tile t's J rows
+  V[idx[t·J + j]] go to buf[slot, j·p : (j+1)·p]. Starts this step's copies (step 0
+  of a core only) and the next step's, waits for this step's; returns its unpacked
+  rows (`_unpack_rows`), [J, v] each."""
+  tile, s, steps = _grid_position()
+  slot = lax.rem(s, 2)     # (lax div/rem: `%`/`//` lower via `sign`, needs a TPU)
+
+  def start(t, slot):
+    base = t * j
+
+    def body(i, carry):
+      _row_copy(v_hbm, idx_ref[base + i], buf.at[slot], i, sem.at[slot], p).start()
       return carry
 
-    lax.fori_loop(0, self.tl * self.k, body, 0)
+    lax.fori_loop(0, j, body, 0)
 
-  def wait(self, slot):
-    def body(j, carry):   # every copy has the same size: wait with a same-shaped one
-      _row_copy(self.v_hbm, 0, self.buf.at[slot], 0, self.sem.at[slot], self.p).wait()
-      return carry
+  @pl.when(s == 0)
+  def _():
+    start(tile, slot)
 
-    lax.fori_loop(0, self.tl * self.k, body, 0)
+  @pl.when(s + 1 < steps)
+  def _():
+    start(tile + 1, 1 - slot)
 
-  def pipeline(self):
-    """Starts this step's (first step only) and the next step's copies, waits for this
-    step's; returns the unpacked rows of this step (see `_unpack_rows`), [TL·K, v]."""
-    i, n = pl.program_id(0), pl.num_programs(0)
-    slot = lax.rem(i, 2)     # (lax div/rem: `%`/`//` lower via `sign`, needs a TPU)
-
-    @pl.when(i == 0)
-    def _():
-      self.start(0, 0)
-
-    @pl.when(i + 1 < n)
-    def _():
-      self.start(i + 1, 1 - slot)
-
-    self.wait(slot)
-    return _unpack_rows(self.buf[slot], self.p)
+  _wait_all(buf.at[slot], sem.at[slot])
+  return _unpack_rows(buf[slot], p)
 
 
-def _select(parts, par_row, t, k):
-  """Per token t: [(rows [K, v], lookup mask [1, K] or None)] for the row halves."""
-  return [(rows[t * k:(t + 1) * k], None if parity is None else par_row == parity)
-          for rows, parity in parts]
+def _fwd_kernel(idx_ref, v_hbm, code_ref, w_ref, o_ref, buf, sem, *, j, tg, p):
+  parts = _gather_rows(idx_ref, v_hbm, buf, sem, j=j, p=p)
+  code, w = code_ref[0], w_ref[0]                                   # [1, J]
+  ri = lax.broadcasted_iota(jnp.int32, (tg, j), 0)
+  acc = None
+  for rows, parity in parts:
+    part = dot(jnp.where(ri + parity * tg == code, w, 0.0), rows)   # [TG, v]
+    acc = part if acc is None else acc + part
+  o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _fwd_kernel(idx_ref, v_hbm, w_ref, g_ref, par_ref, o_ref, buf, sem, *, tl, k,
-                num_groups, p):
-  parts = _RowGather(idx_ref, v_hbm, buf, sem, tl, k, p).pipeline()
-  w, g, par = w_ref[...], g_ref[...], par_ref[...]                 # [TL, K]
-  gi = lax.broadcasted_iota(jnp.int32, (num_groups, k), 0)
-  for t in range(tl):
-    hit = gi == g[t:t + 1, :]                                      # [G, K]
-    acc = jnp.zeros(o_ref.shape[1:], jnp.float32)
-    for rows, sel in _select(parts, par[t:t + 1, :], t, k):
-      mask = hit if sel is None else hit & sel
-      acc += dot(jnp.where(mask, w[t:t + 1, :], 0.0), rows)
-    o_ref[t] = acc.astype(o_ref.dtype)
+def _dw_kernel(idx_ref, v_hbm, code_ref, dy_ref, dw_ref, buf, sem, *, j, tg, p):
+  parts = _gather_rows(idx_ref, v_hbm, buf, sem, j=j, p=p)
+  code, dy = code_ref[0], dy_ref[...].astype(jnp.float32)          # [1, J], [TG, v]
+  ri = lax.broadcasted_iota(jnp.int32, (tg, j), 0)
+  dw = None
+  for rows, parity in parts:
+    s = dot_nt(dy, rows)                                             # [TG, J]
+    part = jnp.sum(jnp.where(ri + parity * tg == code, s, 0.0), axis=0, keepdims=True)
+    dw = part if dw is None else dw + part
+  dw_ref[0] = dw
 
 
-def _dw_kernel(idx_ref, v_hbm, g_ref, par_ref, dy_ref, dw_ref, buf, sem, *, tl, k,
-               num_groups, p):
-  parts = _RowGather(idx_ref, v_hbm, buf, sem, tl, k, p).pipeline()
-  g, par = g_ref[...], par_ref[...]
-  gi = lax.broadcasted_iota(jnp.int32, (num_groups, k), 0)
-  for t in range(tl):
-    dy = dy_ref[t].astype(jnp.float32)                             # [G, v]
-    s = jnp.zeros((num_groups, k), jnp.float32)
-    for rows, sel in _select(parts, par[t:t + 1, :], t, k):
-      st = dot_nt(dy, rows)                                        # [G, K]
-      s = st if sel is None else jnp.where(sel, st, s)
-    dw_ref[pl.ds(t, 1), :] = jnp.sum(jnp.where(gi == g[t:t + 1, :], s, 0.0), axis=0,
-                                     keepdims=True)
-
-
-def _gather_call(kernel, idx, values, block_args, block_specs, out_rows, out_dtype,
-                 out_spec, *, lp, k, interpret, name, bytes_accessed):
-  tl, p = TOKEN_TILE, packing(values.dtype)
-  v = values.shape[1]
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(lp // tl,),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] + block_specs,
-      out_specs=out_spec,
-      scratch_shapes=[pltpu.VMEM((2, tl * k * p, v), values.dtype),
-                      pltpu.SemaphoreType.DMA((2,))])
-  return pl.pallas_call(
-      kernel,
-      grid_spec=grid_spec,
-      out_shape=out_struct(out_rows, out_dtype, idx, values, *block_args),
-      # Sequential grid: step i prefetches step i+1's rows.
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
-      cost_estimate=pl.CostEstimate(flops=2 * lp * k * v, transcendentals=0,
-                                    bytes_accessed=bytes_accessed),
-      interpret=interpret_params(interpret),
-      name=name,
-  )(idx.reshape(-1), values, *block_args)
-
-
-def _token_chunks(l: int, k: int):
+def _token_chunks(l: int, k: int, tl: int):
   """Token ranges of at most SMEM_TABLE_BYTES of scalar-prefetched indices each."""
-  per = max(TOKEN_TILE, (SMEM_TABLE_BYTES // (4 * k)) // TOKEN_TILE * TOKEN_TILE)
+  per = max(tl, (SMEM_TABLE_BYTES // (4 * k)) // tl * tl)
   return [(s, min(l, s + per)) for s in range(0, max(l, 1), per)]
+
+
+def _core_split(num: int) -> tuple[int, int]:
+  """(cores, steps per core) for `num` grid items on the leading "parallel" axis."""
+  cores = min(NUM_CORES, max(num, 1))
+  return cores, pl.cdiv(max(num, 1), cores)
 
 
 def _check_rows(values):
@@ -238,25 +246,66 @@ def _check_rows(values):
                      f"reads aligned row pairs), got N={n}")
 
 
-def _chunked_gather(kernel, idx, values, blocks, out_row_shape, out_dtype, *, k,
-                    interpret, name, bytes_per_token):
-  """Runs a gather kernel over token chunks: blocks are [L, ...] per-token inputs."""
-  tl = TOKEN_TILE
-  block_spec = lambda x: pl.BlockSpec((tl,) + x.shape[1:],
-                                      lambda i, idx_ref: (i,) + (0,) * (x.ndim - 1))
-  out_spec = pl.BlockSpec((tl,) + out_row_shape,
-                          lambda i, idx_ref: (i,) + (0,) * len(out_row_shape))
+def _chunked_gather(kernel, idx, values, code, lookup_arg, row_arg, out_flat: bool,
+                    out_dtype, *, num_groups, interpret, name, bytes_per_token):
+  """Runs a gather kernel over token chunks (SMEM) and token tiles (grid).
+
+  idx, code [L, K] int32; lookup_arg [L, K] (the forward's weights) or None; row_arg
+  [L, G, v] (d_weights' dY) or None. Output: [L, G, v] (out_flat False) or [L, K]
+  f32 (out_flat True)."""
+  l, k = idx.shape
+  v = values.shape[1]
+  tl, p = token_tile(k), packing(values.dtype)
+  j, tg = tl * k, tl * num_groups
   outs = []
-  for s, e in _token_chunks(idx.shape[0], k):
-    lp = pl.cdiv(e - s, tl) * tl
-    args = [_pad_tokens(x[s:e], lp) for x in blocks]
-    out = _gather_call(
-        kernel, _pad_tokens(idx[s:e], lp), values, args, [block_spec(x) for x in args],
-        (lp,) + out_row_shape, out_dtype, out_spec,
-        lp=lp, k=k, interpret=interpret, name=name,
-        bytes_accessed=(e - s) * bytes_per_token)
-    outs.append(out[:e - s])
+  for s, e in _token_chunks(l, k, tl):
+    cores, steps = _core_split(pl.cdiv(e - s, tl))
+    lp = cores * steps * tl
+    tile = lambda c, st, *_: c * steps + st
+    flat = lambda x: _pad_tokens(x[s:e], lp).reshape(lp // tl, 1, j)
+    flat_spec = pl.BlockSpec((1, 1, j), lambda c, st, *_: (tile(c, st), 0, 0))
+    row_spec = pl.BlockSpec((tg, v), lambda c, st, *_: (tile(c, st), 0))
+    args = [flat(code)]
+    if lookup_arg is not None:
+      args.append(flat(lookup_arg))
+    if row_arg is not None:
+      args.append(_pad_tokens(row_arg[s:e], lp).reshape(lp * num_groups, v))
+    specs = [flat_spec] * (len(args) - (row_arg is not None)) + [row_spec] * (
+        row_arg is not None)
+    if out_flat:
+      out_shape, out_spec = (lp // tl, 1, j), flat_spec
+    else:
+      out_shape, out_spec = (lp * num_groups, v), row_spec
+    idx_c = _pad_tokens(idx[s:e], lp).reshape(-1)
+    out = pl.pallas_call(
+        functools.partial(kernel, j=j, tg=tg, p=p),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(cores, steps),
+            in_specs=[pl.BlockSpec(memory_space=pl.ANY)] + specs,
+            out_specs=out_spec,
+            scratch_shapes=[pltpu.VMEM((2, j * p, v), values.dtype),
+                            pltpu.SemaphoreType.DMA((2,))]),
+        out_shape=out_struct(out_shape, out_dtype, idx_c, values, *args),
+        # Cores split the tiles; within a core step s prefetches step s + 1's rows.
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=2 * lp * k * tg * v, transcendentals=0,
+                                      bytes_accessed=(e - s) * bytes_per_token),
+        interpret=interpret_params(interpret),
+        name=name,
+    )(idx_c, values, *args)
+    outs.append(out.reshape((lp, k) if out_flat else (lp, num_groups, v))[:e - s])
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def _codes(idx, grp, num_groups: int, p: int):
+  """int32 [L, K]: each lookup's output row t·G + g within its token tile, + TL·G for
+  the odd row of a bf16 row pair (the second one-hot)."""
+  l, k = idx.shape
+  tl = token_tile(k)
+  code = (jnp.arange(l, dtype=jnp.int32) % tl)[:, None] * num_groups + grp
+  return code + (idx & 1) * (tl * num_groups) if p == 2 else code
 
 
 def lookup_fwd_tpu(values, indices, weights, groups, num_groups: int, *, interpret=False):
@@ -268,9 +317,9 @@ def lookup_fwd_tpu(values, indices, weights, groups, num_groups: int, *, interpr
   idx, w, grp, _ = mask_lookups(indices, weights, groups, n, num_groups)
   p = packing(values.dtype)
   return _chunked_gather(
-      functools.partial(_fwd_kernel, tl=TOKEN_TILE, k=k, num_groups=num_groups, p=p),
-      idx, values, [w.astype(jnp.float32), grp, idx & 1], (num_groups, v), out_dtype,
-      k=k, interpret=interpret, name="memory_lookup_fwd_tpu",
+      _fwd_kernel, idx, values, _codes(idx, grp, num_groups, p), w.astype(jnp.float32),
+      None, False, out_dtype, num_groups=num_groups, interpret=interpret,
+      name="memory_lookup_fwd_tpu",
       bytes_per_token=k * v * values.dtype.itemsize * p
       + num_groups * v * jnp.dtype(out_dtype).itemsize + k * (4 + 4 + 4))
 
@@ -286,9 +335,9 @@ def lookup_dweights_tpu(values, indices, groups, d_out, *, interpret=False):
                                     groups, n, num_groups)
   p = packing(values.dtype)
   dw = _chunked_gather(
-      functools.partial(_dw_kernel, tl=TOKEN_TILE, k=k, num_groups=num_groups, p=p),
-      idx, values, [grp, idx & 1, d_out], (k,), jnp.float32,
-      k=k, interpret=interpret, name="memory_lookup_dweights_tpu",
+      _dw_kernel, idx, values, _codes(idx, grp, num_groups, p), None, d_out, True,
+      jnp.float32, num_groups=num_groups, interpret=interpret,
+      name="memory_lookup_dweights_tpu",
       bytes_per_token=k * v * values.dtype.itemsize * p
       + num_groups * v * d_out.dtype.itemsize + k * 12)
   return jnp.where(valid, dw, 0.0)
@@ -315,57 +364,133 @@ def sorted_csr(indices, weights, groups, num_rows: int, num_groups: int):
   return offsets, rows, src, w
 
 
-def _dv_kernel(bounds_ref, dy_hbm, src_hbm, row_hbm, w_hbm, dv_ref,
-               buf, src_s, row_s, w_s, acc, sem, msem, *, r, c, p, row0):
-  i = pl.program_id(0)
-  s0, s1 = bounds_ref[i], bounds_ref[i + 1]
-  r0 = row0 + i * r
-  acc[...] = jnp.zeros_like(acc)
-  ri = lax.broadcasted_iota(jnp.int32, (r, c), 0)
-  ci = lax.broadcasted_iota(jnp.int32, (r, c), 1)
-  cr = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+def touched_tiles(offsets, num_tiles: int, r: int, slots: int):
+  """The row tiles of R rows that hold ≥ 1 sorted lookup, for the d_values grid.
 
-  def chunk(ch, carry):
-    base = s0 + ch * c
-    cnt = jnp.minimum(c, s1 - base)
-    window = pl.multiple_of(lax.div(base, _LANES) * _LANES, _LANES)
-    off = base - window                                   # < 128: off + c <= window
-    meta = [pltpu.make_async_copy(hbm.at[0, pl.ds(window, META_WINDOW)], smem,
-                                  msem.at[j])
-            for j, (hbm, smem) in enumerate([(src_hbm, src_s), (row_hbm, row_s),
-                                             (w_hbm, w_s)])]
-    for cp in meta:
+  offsets [num_tiles·R + 1] (`sorted_csr`). Returns (tiles, starts, ends) int32
+  [slots] (slots ≥ the number U of touched tiles, static) and U int32: slot i < U is
+  the i-th touched tile in row order with its lookup range [starts, ends); a slot
+  i ≥ U repeats slot U - 1 (tile 0 with an empty range when U = 0)."""
+  bounds = offsets[::r]                                             # [num_tiles + 1]
+  touched = bounds[1:] > bounds[:-1]
+  num = jnp.sum(touched, dtype=jnp.int32)
+  tiles = jnp.nonzero(touched, size=slots, fill_value=0)[0].astype(jnp.int32)
+  tiles = jnp.where(jnp.arange(slots) < num, tiles, tiles[jnp.maximum(num - 1, 0)])
+  return tiles, bounds[tiles], bounds[tiles + 1], num
+
+
+class _Meta:
+  """Aligned metadata windows (dY row ids, target rows, weights of the sorted lookups)
+  HBM → a 3-slot SMEM ring; entry e of the window of slot m starting at lookup `base`
+  is read at m·META_WINDOW + (base − window) + e."""
+
+  def __init__(self, hbms, smems, sem):
+    self.hbms, self.smems, self.sem = hbms, smems, sem
+
+  @staticmethod
+  def window(base):
+    return pl.multiple_of(lax.div(base, _LANES) * _LANES, _LANES)
+
+  def copies(self, base, m):
+    w = self.window(base)
+    return [pltpu.make_async_copy(hbm.at[0, pl.ds(w, META_WINDOW)],
+                                  smem.at[pl.ds(m * META_WINDOW, META_WINDOW)],
+                                  self.sem.at[m, i])
+            for i, (hbm, smem) in enumerate(zip(self.hbms, self.smems))]
+
+  def start(self, base, m):
+    for cp in self.copies(base, m):
       cp.start()
-    for cp in meta:
+
+  def wait(self, base, m):
+    for cp in self.copies(base, m):
       cp.wait()
 
-    def start(j, carry):
-      _row_copy(dy_hbm, src_s[off + j], buf, j, sem.at[0], p).start()
+  def at(self, base, m):
+    """Offset of lookup `base` in the SMEM tables for slot m."""
+    return m * META_WINDOW + base - self.window(base)
+
+
+def _dv_kernel(tile_ref, start_ref, end_ref, num_ref, dy_hbm, src_hbm, row_hbm, w_hbm,
+               dv_in, dv_ref, buf, src_s, row_s, w_s, acc, sem, msem, *, r, c, p):
+  del dv_in                        # the zeros aliased to dv_ref: never read
+  g, s, steps = _grid_position()
+  num = num_ref[0]
+  meta = _Meta((src_hbm, row_hbm, w_hbm), (src_s, row_s, w_s), msem)
+  mslot, rslot = lax.rem(s, 3), lax.rem(s, 2)
+
+  def issue(base, end, m, slot):
+    """Row DMAs of the chunk of ≤ C lookups from `base` (metadata in slot m)."""
+    o = meta.at(base, m)
+
+    def body(j, carry):
+      _row_copy(dy_hbm, src_s[o + j], buf.at[slot], j, sem.at[slot], p).start()
       return carry
 
-    def wait(j, carry):
-      _row_copy(dy_hbm, 0, buf, 0, sem.at[0], p).wait()
-      return carry
+    lax.fori_loop(0, jnp.minimum(c, end - base), body, 0)
 
-    lax.fori_loop(0, cnt, start, 0)
+  def consume(base, end, m, slot, r0):
+    """acc += weighted one-hot [R, C] @ the chunk's dY rows (waits for them)."""
+    cnt = jnp.minimum(c, end - base)
+    o = meta.at(base, m)
+    ri = lax.broadcasted_iota(jnp.int32, (r, c), 0)
+    ci = lax.broadcasted_iota(jnp.int32, (r, c), 1)
 
     def onehot_cols(j, ohs):    # overlaps the in-flight row DMAs
-      hit = (ci == j) & (ri == row_s[off + j] - r0)
-      w = w_s[off + j]
+      hit = (ci == j) & (ri == row_s[o + j] - r0)
+      w = w_s[o + j]
       if p == 1:
         return (jnp.where(hit, w, ohs[0]),)
-      odd = lax.rem(src_s[off + j], 2) == 1
+      odd = lax.rem(src_s[o + j], 2) == 1
       return (jnp.where(hit & ~odd, w, ohs[0]), jnp.where(hit & odd, w, ohs[1]))
 
-    ohs = lax.fori_loop(0, cnt, onehot_cols,
-                        (jnp.zeros((r, c), jnp.float32),) * p)
-    lax.fori_loop(0, cnt, wait, 0)
-    for onehot, (rows, _) in zip(ohs, _unpack_rows(buf[...], p)):
-      acc[...] += dot(onehot, jnp.where(cr < cnt, rows, 0.0))   # stale rows -> 0
-    return carry
+    ohs = lax.fori_loop(0, cnt, onehot_cols, (jnp.zeros((r, c), jnp.float32),) * p)
 
-  lax.fori_loop(0, lax.div(s1 - s0 + c - 1, c), chunk, 0)
-  dv_ref[...] = acc[...].astype(dv_ref.dtype)
+    def wait(j, carry):
+      _row_copy(dy_hbm, 0, buf.at[slot], 0, sem.at[slot], p).wait()
+      return carry
+
+    lax.fori_loop(0, cnt, wait, 0)
+    cr = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    for onehot, (rows, _) in zip(ohs, _unpack_rows(buf[slot], p)):
+      acc[...] += dot(onehot, jnp.where(cr < cnt, rows, 0.0))   # stale rows -> 0
+
+  @pl.when(s == 0)                 # prime: this tile's first chunk, next one's metadata
+  def _():
+    meta.start(start_ref[g], mslot)
+    meta.wait(start_ref[g], mslot)
+    issue(start_ref[g], end_ref[g], mslot, rslot)
+
+    @pl.when((s + 1 < steps) & (g + 1 < num))
+    def _():
+      meta.start(start_ref[g + 1], lax.rem(s + 1, 3))
+
+  @pl.when((s + 1 < steps) & (g + 1 < num))   # next tile: rows; the one after: metadata
+  def _():
+    m1 = lax.rem(s + 1, 3)
+    meta.wait(start_ref[g + 1], m1)
+    issue(start_ref[g + 1], end_ref[g + 1], m1, 1 - rslot)
+
+    @pl.when((s + 2 < steps) & (g + 2 < num))
+    def _():
+      meta.start(start_ref[g + 2], lax.rem(s + 2, 3))
+
+  @pl.when((g < num) | (s == 0))   # padding slots keep the resident block
+  def _():
+    s0, s1, r0 = start_ref[g], end_ref[g], tile_ref[g] * r
+    acc[...] = jnp.zeros_like(acc)
+    consume(s0, s1, mslot, rslot, r0)
+
+    def chunk(ch, carry):          # the further chunks of a hot tile, in turn
+      base = s0 + ch * c
+      meta.start(base, mslot)
+      meta.wait(base, mslot)
+      issue(base, s1, mslot, rslot)
+      consume(base, s1, mslot, rslot, r0)
+      return carry
+
+    lax.fori_loop(1, lax.div(s1 - s0 + c - 1, c), chunk, 0)
+    dv_ref[...] = acc[...].astype(dv_ref.dtype)
 
 
 def lookup_dvalues_tpu(values, indices, weights, groups, d_out, *, interpret=False):
@@ -374,7 +499,7 @@ def lookup_dvalues_tpu(values, indices, weights, groups, d_out, *, interpret=Fal
   n, v = values.shape
   l, k = indices.shape
   num_groups = d_out.shape[1]
-  r, c = ROW_TILE, CHUNK
+  r = ROW_TILE
   npad = pl.cdiv(n, r) * r
   valid = (indices >= 0) & (indices < n)           # rows in [n, npad) are not rows
   offsets, rows, src, w = sorted_csr(jnp.where(valid, indices, -1), weights, groups,
@@ -388,46 +513,52 @@ def lookup_dvalues_tpu(values, indices, weights, groups, d_out, *, interpret=Fal
   p = packing(dy.dtype)
   if p == 2 and dy.shape[0] % 2:                   # row pairs: an even number of rows
     dy = jnp.pad(dy, ((0, 1), (0, 0)))
-  tiles = npad // r
-  outs = []
-  for t0 in range(0, tiles, DVALUES_TILES):
-    nt = min(DVALUES_TILES, tiles - t0)
-    bounds = offsets[t0 * r:(t0 + nt) * r + 1:r]                   # [nt + 1]
-    outs.append(_dvalues_call(bounds, dy, src, rows, w, t0 * r, nt, values.dtype, m,
-                              p=p, interpret=interpret))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-  return out[:n]
+  slots = min(npad // r, m)                        # touched tiles: at most one a lookup
+  tiles, starts, ends, num = touched_tiles(offsets, npad // r, r, slots)
+  dv = match_vma(jnp.zeros((npad, v), values.dtype), dy, values)[0]   # aliased output
+  for a in range(0, slots, DVALUES_SLOTS):
+    b = min(slots, a + DVALUES_SLOTS)
+    dv = _dvalues_call(tiles[a:b], starts[a:b], ends[a:b], jnp.clip(num - a, 0, b - a),
+                       dy, src, rows, w, dv, m, p=p, interpret=interpret)
+  return dv[:n]
 
 
-def _dvalues_call(bounds, dy, src, rows, w, row0: int, num_tiles: int, dtype, m: int,
-                  *, p: int, interpret):
-  """dV rows [row0, row0 + num_tiles·R) from the CSR (bounds: the tiles' offsets)."""
+def _dvalues_call(tiles, starts, ends, num, dy, src, rows, w, dv, m: int, *, p: int,
+                  interpret):
+  """Writes the dV tiles of `tiles` (the first `num` real, the rest repeats) into `dv`
+  (aliased: the other rows keep their values)."""
   r, c, v = ROW_TILE, CHUNK, dy.shape[1]
+  cores, steps = _core_split(tiles.shape[0])
+  pad = cores * steps - tiles.shape[0]
+  tiles, starts, ends = (jnp.pad(x, (0, pad), mode="edge") for x in (tiles, starts, ends))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(num_tiles,),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 4,
-      out_specs=pl.BlockSpec((r, v), lambda i, b: (i, 0)),
-      scratch_shapes=[pltpu.VMEM((c * p, v), dy.dtype),
-                      pltpu.SMEM((META_WINDOW,), jnp.int32),
-                      pltpu.SMEM((META_WINDOW,), jnp.int32),
-                      pltpu.SMEM((META_WINDOW,), jnp.float32),
+      num_scalar_prefetch=4,
+      grid=(cores, steps),
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 5,
+      out_specs=pl.BlockSpec((r, v), lambda ci, s, t, *_: (t[ci * steps + s], 0)),
+      scratch_shapes=[pltpu.VMEM((2, c * p, v), dy.dtype),
+                      pltpu.SMEM((3 * META_WINDOW,), jnp.int32),
+                      pltpu.SMEM((3 * META_WINDOW,), jnp.int32),
+                      pltpu.SMEM((3 * META_WINDOW,), jnp.float32),
                       pltpu.VMEM((r, v), jnp.float32),
-                      pltpu.SemaphoreType.DMA((1,)), pltpu.SemaphoreType.DMA((3,))])
+                      pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((3, 3))])
+  num = jnp.reshape(num, (1,)).astype(jnp.int32)
   return pl.pallas_call(
-      functools.partial(_dv_kernel, r=r, c=c, p=p, row0=row0),
+      functools.partial(_dv_kernel, r=r, c=c, p=p),
       grid_spec=grid_spec,
-      out_shape=out_struct((num_tiles * r, v), dtype, bounds, dy, src, rows, w),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      out_shape=out_struct(dv.shape, dv.dtype, tiles, dy, src, rows, w, dv),
+      input_output_aliases={8: 0},
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
           flops=2 * m * v, transcendentals=0,
           bytes_accessed=m * v * dy.dtype.itemsize * p
-          + num_tiles * r * v * jnp.dtype(dtype).itemsize + m * 12),
+          + tiles.shape[0] * r * v * dv.dtype.itemsize + m * 12),
       interpret=interpret_params(interpret),
       name="memory_lookup_dvalues_tpu",
-  )(bounds, dy, src, rows, w)
+  )(tiles, starts, ends, num, dy, src, rows, w, dv)
 
 
 __all__ = ["lookup_fwd_tpu", "lookup_dvalues_tpu", "lookup_dweights_tpu", "sorted_csr",
-           "vmem_bytes", "packing", "SUPPORTED_DTYPES", "TOKEN_TILE", "ROW_TILE",
-           "CHUNK", "META_WINDOW", "VMEM_BUDGET"]
+           "touched_tiles", "token_tile", "vmem_bytes", "packing", "SUPPORTED_DTYPES",
+           "ROW_TILE", "CHUNK", "META_WINDOW", "VMEM_BUDGET"]
