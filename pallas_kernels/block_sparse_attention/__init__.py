@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import (BACKENDS, MASK_VALUE, SMEM_TABLE_BYTES,
-                                    default_backend, largest_divisor, map_chunks, take)
+                                    default_backend, largest_divisor, map_chunks,
+                                    match_vma, take)
 from pallas_kernels.block_sparse_attention.gpu import (bsa_dkv_gpu, bsa_dq_gpu,
                                                        bsa_fwd_gpu)
 from pallas_kernels.block_sparse_attention.tpu import bsa_dkv_tpu, bsa_dq_tpu, bsa_fwd_tpu
@@ -253,6 +254,11 @@ def block_sparse_attention_kernel(q, k, v, kv_blocks, kv_counts, block_kind,
   kv_counts, q_counts = kv_counts.astype(jnp.int32), q_counts.astype(jnp.int32)
   kind = block_kind.astype(jnp.int32)
   pidx = partial_index.astype(jnp.int32)
+  # Inside a jax.shard_map (check_vma): q, k, v and the tables share one manual-axis
+  # type, so dk/dv match k/v's (K/V replicated over an axis q varies on: the pcast's
+  # transpose sums their gradient) and every out_struct states it.
+  q, k, v, kv_blocks, kv_counts, kind, pidx, q_blocks, q_counts, partial_masks = match_vma(
+      q, k, v, kv_blocks, kv_counts, kind, pidx, q_blocks, q_counts, partial_masks)
   fkind, fmask = _slot_tables(kv_blocks, kv_counts, kind, pidx)
   tkind, tmask = _slot_tables(q_blocks, q_counts, jnp.swapaxes(kind, 1, 2),
                               jnp.swapaxes(pidx, 1, 2))

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import EMPTY_LSE, MASK_VALUE, dot
-from pallas_kernels._common import triton_params
+from pallas_kernels._common import out_struct, triton_params
 from pallas_kernels.block_sparse_attention.tpu import FULL
 
 
@@ -94,12 +93,14 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
   hm, nq, m_slots = kv_blocks.shape
   visited = b * hq * nq * m_slots
   itemsize = q.dtype.itemsize
+  args = (kv_blocks.reshape(-1), kv_counts.reshape(-1), slot_kind.reshape(-1),
+          slot_tile.reshape(-1), q, k, v, tiles)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, g=hq // hkv, nq=nq, m_slots=m_slots,
                         per_head=hm > 1, bq=block_q, bkv=block_kv),
       grid=(b, hq, nq),
-      out_shape=[jax.ShapeDtypeStruct((b, hq, t, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
+      out_shape=[out_struct((b, hq, t, dv), q.dtype, *args),
+                 out_struct((b, hq, t), jnp.float32, *args)],
       compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (d + dv),
@@ -108,8 +109,7 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
           + visited * block_kv * (d + dv) * itemsize + b * hq * t * 4),
       interpret=interpret,
       name="block_sparse_attention_fwd_gpu",
-  )(kv_blocks.reshape(-1), kv_counts.reshape(-1), slot_kind.reshape(-1),
-    slot_tile.reshape(-1), q, k, v, tiles)
+  )(*args)
 
 
 def _probs(q, k, lse, tile, kind, pm_ref, scale):
@@ -149,11 +149,13 @@ def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
   hm, nq, m_slots = kv_blocks.shape
   visited = b * hq * nq * m_slots
   itemsize = q.dtype.itemsize
+  args = (kv_blocks.reshape(-1), kv_counts.reshape(-1), slot_kind.reshape(-1),
+          slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
   return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, g=hq // hkv, nq=nq, m_slots=m_slots,
                         per_head=hm > 1, bq=block_q, bkv=block_kv),
       grid=(b, hq, nq),
-      out_shape=jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
+      out_shape=out_struct((b, hq, t, d), q.dtype, *args),
       compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + dv),
@@ -162,8 +164,7 @@ def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
           + visited * block_kv * (d + dv) * itemsize + b * hq * t * 8),
       interpret=interpret,
       name="block_sparse_attention_dq_gpu",
-  )(kv_blocks.reshape(-1), kv_counts.reshape(-1), slot_kind.reshape(-1),
-    slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
+  )(*args)
 
 
 def _dkv_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
@@ -203,12 +204,14 @@ def bsa_dkv_gpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
   hm, nkv, m_slots = q_blocks.shape
   visited = b * hq * nkv * m_slots
   itemsize = q.dtype.itemsize
+  args = (q_blocks.reshape(-1), q_counts.reshape(-1), slot_kind.reshape(-1),
+          slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, g=hq // hkv, nkv=nkv, m_slots=m_slots,
                         per_head=hm > 1, bq=block_q, bkv=block_kv),
       grid=(b, hkv, nkv),
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
+                 out_struct((b, hkv, s, dv), v.dtype, *args)],
       compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + 2 * dv),
@@ -217,8 +220,7 @@ def bsa_dkv_gpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
           + visited * block_q * (d + dv) * itemsize + visited * block_q * 8),
       interpret=interpret,
       name="block_sparse_attention_dkv_gpu",
-  )(q_blocks.reshape(-1), q_counts.reshape(-1), slot_kind.reshape(-1),
-    slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
+  )(*args)
 
 
 __all__ = ["bsa_fwd_gpu", "bsa_dq_gpu", "bsa_dkv_gpu"]

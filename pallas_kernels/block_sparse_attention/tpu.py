@@ -52,14 +52,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt, dot_tn,
-                                    interpret_params)
+                                    interpret_params, out_struct)
 
 FULL, PARTIAL = 2, 1
 
@@ -142,12 +141,14 @@ def bsa_fwd_tpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
                       pltpu.VMEM((bq, dv), jnp.float32)])
   visited = b * hq * nq * m_slots
   itemsize = q.dtype.itemsize
+  args = (kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
+          tiles)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, nq=nq, m_slots=m_slots,
                         per_head=per_head),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, hq, t, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, hq, t, 1), jnp.float32)],
+      out_shape=[out_struct((b, hq, t, dv), q.dtype, *args),
+                 out_struct((b, hq, t, 1), jnp.float32, *args)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
@@ -156,7 +157,7 @@ def bsa_fwd_tpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
           + visited * bkv * (d + dv) * itemsize + b * hq * t * 4),
       interpret=interpret_params(interpret),
       name="block_sparse_attention_fwd_tpu",
-  )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, tiles)
+  )(*args)
 
 
 def _probs(q, k, lse, pm_ref, scale, masked):
@@ -214,11 +215,13 @@ def bsa_dq_tpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
       scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)])
   visited = b * hq * nq * m_slots
   itemsize = q.dtype.itemsize
+  args = (kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
+          d_out, lse, di[..., None], tiles)
   return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, nq=nq, m_slots=m_slots,
                         per_head=per_head),
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
+      out_shape=out_struct((b, hq, t, d), q.dtype, *args),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
@@ -227,8 +230,7 @@ def bsa_dq_tpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
           + visited * bkv * (d + dv) * itemsize + b * hq * t * 8),
       interpret=interpret_params(interpret),
       name="block_sparse_attention_dq_tpu",
-  )(kv_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
-    d_out, lse, di[..., None], tiles)
+  )(*args)
 
 
 def _dkv_kernel(blk_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
@@ -298,12 +300,14 @@ def bsa_dkv_tpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
                       pltpu.VMEM((bkv, dv), jnp.float32)])
   visited = b * hkv * nkv * g * m_slots
   itemsize = q.dtype.itemsize
+  args = (q_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v,
+          d_out, lse, di[..., None], tiles)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, g=g, nkv=nkv, m_slots=m_slots,
                         per_head=per_head),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
+                 out_struct((b, hkv, s, dv), v.dtype, *args)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
                                "arbitrary")),
@@ -314,8 +318,7 @@ def bsa_dkv_tpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
           + visited * bq * (d + dv) * itemsize + visited * bq * 8),
       interpret=interpret_params(interpret),
       name="block_sparse_attention_dkv_tpu",
-  )(q_blocks.reshape(-1), slot_kind.reshape(-1), slot_tile.reshape(-1), q, k, v, d_out,
-    lse, di[..., None], tiles)
+  )(*args)
 
 
 __all__ = ["bsa_fwd_tpu", "bsa_dq_tpu", "bsa_dkv_tpu", "MASK_VALUE"]

@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import (BACKENDS, EMPTY_LSE, MASK_VALUE, SMEM_TABLE_BYTES,
-                                    default_backend, largest_divisor, map_chunks, take)
+                                    default_backend, largest_divisor, map_chunks,
+                                    match_vma, take)
 from pallas_kernels.nsa.gpu import nsa_dkv_gpu, nsa_dq_gpu, nsa_fwd_gpu
 from pallas_kernels.nsa.tpu import nsa_dkv_tpu, nsa_dq_tpu, nsa_fwd_tpu
 
@@ -248,6 +249,9 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     pos = jnp.asarray(q_positions).astype(jnp.int32)
     if pos.shape != (b, t):
       raise ValueError(f"q_positions shape {pos.shape} must be [B, T] {(b, t)}")
+  # Inside a jax.shard_map (check_vma): one manual-axis type for all inputs, so the
+  # custom_vjp's cotangents match them and every out_struct states it.
+  q, k, v, sel, pos = match_vma(q, k, v, sel, pos)
   kh = jnp.swapaxes(k, 1, 2)                                          # [B, Hkv, S', D]
   vh = jnp.swapaxes(v, 1, 2)
   kw = dict(scale=scale, select_block=lsel, seq_len=s_len)

@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 # Triton compiler params and the f32 HIGHEST matmul of the block-sparse kernels.
 from pallas_kernels._common import EMPTY_LSE, MASK_VALUE, dot
-from pallas_kernels._common import triton_params
+from pallas_kernels._common import out_struct, triton_params
 
 
 def _keys_allowed(blk, p_t, lsel, s_len):
@@ -91,12 +90,13 @@ def nsa_fwd_gpu(q, k, v, sel, pos, *, scale, select_block, seq_len, num_selected
   b, t, hkv, gp, d = q.shape
   dv, n, lsel = v.shape[3], num_selected, select_block
   itemsize = q.dtype.itemsize
+  args = (sel, pos, q, k, v)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, lsel=lsel, s_len=seq_len, n=n,
                         t_len=t, hkv=hkv),
       grid=(b, t, hkv),
-      out_shape=[jax.ShapeDtypeStruct((b, t, hkv, gp, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, t, hkv, gp), jnp.float32)],
+      out_shape=[out_struct((b, t, hkv, gp, dv), q.dtype, *args),
+                 out_struct((b, t, hkv, gp), jnp.float32, *args)],
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * b * t * hkv * gp * n * lsel * (d + dv),
@@ -104,7 +104,7 @@ def nsa_fwd_gpu(q, k, v, sel, pos, *, scale, select_block, seq_len, num_selected
           bytes_accessed=b * t * hkv * (gp * (d + dv) + n * lsel * (d + dv)) * itemsize),
       interpret=interpret,
       name="nsa_selection_fwd_gpu",
-  )(sel, pos, q, k, v)
+  )(*args)
 
 
 def _dq_kernel(sel_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, *,
@@ -134,11 +134,12 @@ def nsa_dq_gpu(q, k, v, d_out, lse, di, sel, pos, *, scale, select_block, seq_le
   b, t, hkv, gp, d = q.shape
   dv, n, lsel = v.shape[3], num_selected, select_block
   itemsize = q.dtype.itemsize
+  args = (sel, pos, q, k, v, d_out, lse, di)
   return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, lsel=lsel, s_len=seq_len, n=n,
                         t_len=t, hkv=hkv),
       grid=(b, t, hkv),
-      out_shape=jax.ShapeDtypeStruct((b, t, hkv, gp, d), q.dtype),
+      out_shape=out_struct((b, t, hkv, gp, d), q.dtype, *args),
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * b * t * hkv * gp * n * lsel * (2 * d + dv),
@@ -147,7 +148,7 @@ def nsa_dq_gpu(q, k, v, d_out, lse, di, sel, pos, *, scale, select_block, seq_le
           * itemsize),
       interpret=interpret,
       name="nsa_selection_dq_gpu",
-  )(sel, pos, q, k, v, d_out, lse, di)
+  )(*args)
 
 
 def _dkv_kernel(off_ref, tok_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
@@ -183,12 +184,13 @@ def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, offsets, tokens, *, scale, select_
   nb = s // lsel
   visits = b * t * hkv * num_selected
   itemsize = q.dtype.itemsize
+  args = (offsets, tokens, pos, q, k, v, d_out, lse, di)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, lsel=lsel, s_len=seq_len, nb=nb,
                         t_len=t, n=num_selected, hkv=hkv),
       grid=(b, hkv, nb),
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
+                 out_struct((b, hkv, s, dv), v.dtype, *args)],
       compiler_params=triton_params(num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * visits * gp * lsel * (2 * d + 2 * dv),
@@ -197,7 +199,7 @@ def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, offsets, tokens, *, scale, select_
           + visits * gp * (d + dv) * itemsize + visits * (gp * 8 + 8)),
       interpret=interpret,
       name="nsa_selection_dkv_gpu",
-  )(offsets, tokens, pos, q, k, v, d_out, lse, di)
+  )(*args)
 
 
 __all__ = ["nsa_fwd_gpu", "nsa_dq_gpu", "nsa_dkv_gpu"]

@@ -64,14 +64,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (EMPTY_LSE, MASK_VALUE, dot, dot_nt, dot_tn,
-                                    interpret_params)
+                                    interpret_params, out_struct)
 
 
 def _allowed(sel, pos, blk, lsel, s_len):
@@ -149,12 +148,13 @@ def nsa_fwd_tpu(q, k, v, sel, pos, blocks, counts, *, scale, select_block, block
                       pltpu.VMEM((rows, dv), jnp.float32)])
   visited = b * hkv * nt * m_slots
   itemsize = q.dtype.itemsize
+  args = (blocks.reshape(-1), counts.reshape(-1), q, k, v, sel, pos)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
                         nt=nt, m_slots=m_slots),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, tg, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, tg, 1), jnp.float32)],
+      out_shape=[out_struct((b, hkv, tg, dv), q.dtype, *args),
+                 out_struct((b, hkv, tg, 1), jnp.float32, *args)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
@@ -163,7 +163,7 @@ def nsa_fwd_tpu(q, k, v, sel, pos, blocks, counts, *, scale, select_block, block
           + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 2) * 4),
       interpret=interpret_params(interpret),
       name="nsa_selection_fwd_tpu",
-  )(blocks.reshape(-1), counts.reshape(-1), q, k, v, sel, pos)
+  )(*args)
 
 
 def _probs(q, k, lse, allowed, scale):
@@ -210,11 +210,12 @@ def nsa_dq_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, counts, *, scale, sele
       scratch_shapes=[pltpu.VMEM((rows, d), jnp.float32)])
   visited = b * hkv * nt * m_slots
   itemsize = q.dtype.itemsize
+  args = (blocks.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
   return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
                         nt=nt, m_slots=m_slots),
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((b, hkv, tg, d), q.dtype),
+      out_shape=out_struct((b, hkv, tg, d), q.dtype, *args),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
@@ -224,7 +225,7 @@ def nsa_dq_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, counts, *, scale, sele
           + visited * lsel * (d + dv) * itemsize + b * hkv * tg * (n + 3) * 4),
       interpret=interpret_params(interpret),
       name="nsa_selection_dq_tpu",
-  )(blocks.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
+  )(*args)
 
 
 def _dkv_kernel(tile_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, sel_ref,
@@ -286,12 +287,13 @@ def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, tiles, counts, *, scale, sele
                       pltpu.VMEM((lsel, dv), jnp.float32)])
   visited = b * hkv * nb * m_slots
   itemsize = q.dtype.itemsize
+  args = (tiles.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
                         nb=nb, m_slots=m_slots),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, s, dv), v.dtype)],
+      out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
+                 out_struct((b, hkv, s, dv), v.dtype, *args)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
@@ -301,7 +303,7 @@ def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, tiles, counts, *, scale, sele
           + visited * rows * (d + dv) * itemsize + visited * rows * (n + 3) * 4),
       interpret=interpret_params(interpret),
       name="nsa_selection_dkv_tpu",
-  )(tiles.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
+  )(*args)
 
 
 __all__ = ["nsa_fwd_tpu", "nsa_dq_tpu", "nsa_dkv_tpu", "MASK_VALUE", "EMPTY_LSE"]

@@ -13,7 +13,8 @@ Per block: q projection; K/V projections per branch (compression, selection, win
 one shared pair (`shared_kv=True`, as in the fla reference); gates g = sigmoid(x · W_g)
 per query head and branch; output projection.
 
-Positions. RoPE rotates q and the selection / window keys at their token positions. The
+Positions. RoPE rotates q and the selection / window keys at their token positions
+(with the model's `rope_scaling`, as `Attention`, e.g. a Llama-3 checkpoint's). The
 compression branch's φ sees the raw (un-rotated) keys plus its intra-block position
 embedding (compress="mlp"), and the compressed key of block i is then RoPE-rotated at
 its last token's position i·d + l − 1 (`cmp_rope=True`), so the compression scores, like
@@ -107,7 +108,8 @@ class NSAttention(nn.Module):
       hidden = opt.compress_hidden or 4 * dh
       phi_k = self.param("phi_k", self._phi_init(dh, hidden))
       phi_v = self.param("phi_v", self._phi_init(dh, hidden))
-    q = attention_ops.rope(q, positions, cfg.rope_theta)
+    scaling = cfg.rope_scaling_params
+    q = attention_ops.rope(q, positions, cfg.rope_theta, scaling)
 
     q_positions = None
     if decode and self.has_variable("cache", "index"):
@@ -129,7 +131,7 @@ class NSAttention(nn.Module):
       key_positions = positions
 
     branch = {b: ("" if opt.shared_kv else f"_{b}") for b in BRANCHES}
-    rotated = {p: attention_ops.rope(kv["k" + p], key_positions, cfg.rope_theta)
+    rotated = {p: attention_ops.rope(kv["k" + p], key_positions, cfg.rope_theta, scaling)
                for p in {branch["slc"], branch["win"]}}
     out = nsa_ops.nsa_attention(
         q, kv["k" + branch["cmp"]], kv["v" + branch["cmp"]], rotated[branch["slc"]],
@@ -137,7 +139,8 @@ class NSAttention(nn.Module):
         phi_k=phi_k, phi_v=phi_v, block_len=opt.block_len, stride=opt.stride,
         select_block=opt.select_block, num_selected=opt.num_selected, window=opt.window,
         num_initial=opt.num_initial, num_local=opt.num_local,
-        cmp_rope_theta=cfg.rope_theta if opt.cmp_rope else None, q_positions=q_positions,
+        cmp_rope_theta=cfg.rope_theta if opt.cmp_rope else None,
+        cmp_rope_scaling=scaling, q_positions=q_positions,
         window_impl=opt.window_impl, selection_impl=opt.selection_impl)
     return linear((cfg.d_model,), ("heads", "head_dim", "embed"), contract_dims=2,
                   init_std=output_init_std(cfg), name="o_proj")(out.astype(x.dtype))

@@ -435,6 +435,7 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
                   stride: int = 16, select_block: int = 64, num_selected: int = 16,
                   window: int = 512, num_initial: int = 1, num_local: int = 2,
                   scale: float | None = None, cmp_rope_theta: float | None = None,
+                  cmp_rope_scaling: attention_ops.RopeScaling | None = None,
                   q_positions: jax.Array | None = None, window_impl: str = "auto",
                   selection_impl: str = "auto", return_aux: bool = False):
   """Native Sparse Attention: Σ_c gates[..., c] · o_c over (cmp, slc, win).
@@ -442,7 +443,8 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
   q [B, T, Hq, D] (RoPE already applied, as for k_slc / k_win); k_cmp/v_cmp are the raw
   (un-rotated) keys/values the compression branch summarizes with φ (phi_k / phi_v: None
   = mean pool, `mlp_phi` params, or a callable). With `cmp_rope_theta` the compressed
-  keys are RoPE-rotated at their block's last position i·d + l − 1. gates
+  keys are RoPE-rotated at their block's last position i·d + l − 1, with the model's
+  `cmp_rope_scaling` (the `RopeScaling` its q and keys were rotated with). gates
   [B, T, Hq, 3] in [0, 1] (cmp, slc, win). Returns [B, T, Hq, Dv] in q.dtype, plus with
   `return_aux` a dict (o_cmp, o_slc, o_win, p_cmp, scores, block_idx, valid).
   `selection_impl` is the selection branch's `selected_attention(impl=)`, `window_impl`
@@ -467,7 +469,8 @@ def nsa_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.A
   vc = compress(v_cmp, block_len, stride, phi_v)
   if cmp_rope_theta is not None and kc.shape[1]:
     ends = jnp.asarray(compressed_block_ends(kc.shape[1], block_len, stride))
-    kc = attention_ops.rope(kc, jnp.broadcast_to(ends, kc.shape[:2]), cmp_rope_theta)
+    kc = attention_ops.rope(kc, jnp.broadcast_to(ends, kc.shape[:2]), cmp_rope_theta,
+                            cmp_rope_scaling)
   o_cmp, p_cmp = compression_attention(q, kc, vc, block_len, stride, scale=scale,
                                        q_positions=pos)
   ns = -(-s_len // select_block)

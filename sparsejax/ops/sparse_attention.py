@@ -184,23 +184,32 @@ def _kernel_attention(q, k, v, mask, *, scale, block_q, block_kv, interpret):
 
 
 def kernel_mesh_axes(batch: int, heads: Sequence[int]):
-  """(mesh, batch axes, head axes) to run a kernel under, or None without a mesh of
-  more than one device. Batch axes: those of `sparsejax.sharding.BATCH_AXES` in the
-  mesh with size > 1 whose cumulative product divides `batch`; head axes: ("tensor",)
-  when its size > 1 divides every entry of `heads` (e.g. (Hq, Hkv), so GQA groups stay
-  on one device), else () (heads replicated)."""
+  """(mesh, free axes, batch axes, head axes) to run a kernel under, or None when no
+  `jax.shard_map` is needed: no mesh of more than one device, or every axis already
+  manual (inside an enclosing shard_map, whose shards the kernel then runs on).
+
+  Free axes: the mesh axes not already manual. Batch axes: those of
+  `sparsejax.sharding.BATCH_AXES` among them with size > 1 whose cumulative product
+  divides `batch`; head axes: ("tensor",) when it is free and its size > 1 divides
+  every entry of `heads` (e.g. (Hq, Hkv), so GQA groups stay on one device), else ()
+  (heads replicated)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
+    return None
+  free = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t != jax.sharding.AxisType.Manual)
+  if not free:
     return None
   sizes = dict(mesh.shape)
   axes: list[str] = []
   for a in BATCH_AXES:
     n = math.prod(sizes[x] for x in axes) * sizes.get(a, 1)
-    if sizes.get(a, 1) > 1 and batch % n == 0:
+    if a in free and sizes[a] > 1 and batch % n == 0:
       axes.append(a)
   n_head = sizes.get(HEAD_AXIS, 1)
-  head_axes = (HEAD_AXIS,) if n_head > 1 and all(h % n_head == 0 for h in heads) else ()
-  return mesh, tuple(axes), head_axes
+  head_axes = (HEAD_AXIS,) if (HEAD_AXIS in free and n_head > 1
+                               and all(h % n_head == 0 for h in heads)) else ()
+  return mesh, free, tuple(axes), head_axes
 
 
 def shard_kernel(fn: Callable, args: Sequence[jax.Array],
@@ -210,12 +219,15 @@ def shard_kernel(fn: Callable, args: Sequence[jax.Array],
 
   dims[i] = (batch dim, head dim) of args[i] (None: not split on that axis);
   out_dims the same for the single output, which has args[0]'s rank. Without a
-  multi-device mesh: fn(*args).
+  multi-device mesh, or with every axis already manual: fn(*args). The map is manual
+  over every free axis, size-1 ones too (neither Mosaic nor the interpreter's
+  callbacks accept a partially auto-partitioned region), with the default
+  check_vma=True: the kernels state their outputs' varying axes (`out_struct`).
   """
   axes = kernel_mesh_axes(args[0].shape[dims[0][0]], heads)
   if axes is None:
     return fn(*args)
-  mesh, batch_axes, head_axes = axes
+  mesh, free, batch_axes, head_axes = axes
 
   def spec(x_ndim, bdim, hdim):
     parts = [None] * x_ndim
@@ -226,8 +238,8 @@ def shard_kernel(fn: Callable, args: Sequence[jax.Array],
     return P(*parts)
 
   in_specs = tuple(spec(x.ndim, *d) for x, d in zip(args, dims))
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
-                       out_specs=spec(args[0].ndim, *out_dims), check_vma=False)(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, axis_names=set(free),
+                       out_specs=spec(args[0].ndim, *out_dims))(*args)
 
 
 def _masked_softmax_av(s, allowed, v_rows, out_spec):

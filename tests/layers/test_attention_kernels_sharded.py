@@ -160,3 +160,32 @@ def test_kernel_matmul_precision(dtype, precision):
 def _precision(eqn):
   p = eqn.params["precision"]
   return p[0] if isinstance(p, tuple) else p
+
+
+@pytest.mark.parametrize("op", ["block_sparse", "nsa_selection"])
+def test_kernels_inside_a_checked_shard_map_equal_xla(rng_seed, op):
+  """Called inside the caller's `jax.shard_map` (check_vma=True, every axis already
+  manual, so no shard_map of their own), the interpret kernels' outputs and custom_vjp
+  cotangents carry the shards' varying axes; output and grads equal the XLA path."""
+  keys = jax.random.split(jax.random.key(rng_seed), 4)
+  q = jax.random.normal(keys[0], (4, 32, 4, 16))
+  k, v = (jax.random.normal(key, (4, 32, 2, 16)) for key in keys[1:3])
+  idx = jax.random.randint(keys[3], (4, 32, 2, 2), -1, 3)     # -1 and 2: no block
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESH))
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+
+  def value_and_grads(impl):
+    if op == "block_sparse":
+      fn = lambda q, k, v, idx: block_sparse_attention(
+          q, k, v, M.LocalMask(12), block_q=8, block_kv=8, impl=impl)
+    else:                               # block ids sharded like q (per kv head)
+      fn = lambda q, k, v, idx: selected_attention(q, k, v, idx, idx >= 0, 16, impl=impl)
+    run = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(run(q, k, v, idx)))
+    with jax.set_mesh(mesh):
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (got_loss, got), (want_loss, want) = value_and_grads("interpret"), value_and_grads("xla")
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for a, b, name in zip(got, want, "qkv"):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from sparsejax import sharding
+from sparsejax.layers import registry
 from sparsejax.models.config import parse_model_config
 from sparsejax.models.transformer import DecoderLM
 from sparsejax.train import generate as gen
@@ -86,3 +87,25 @@ def test_sequences_shorter_than_a_compression_block_train_and_decode(rng_seed):
     out, cache = step(cache, tokens[:, i:i + 1])
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, rtol=2e-4, atol=2e-5)
+
+
+def test_nsa_layer_applies_the_models_rope_scaling(rng_seed):
+  """With linear RoPE scaling factor f (Hugging Face Llama checkpoints) the layer
+  rotates q and the selection / window keys at positions / f: it equals the unscaled
+  layer at float positions p / f (and differs from it at p). cmp_rope=False keeps
+  the compressed keys' rotation (tested in tests/ops/test_nsa.py) out of it."""
+  def layer(**model):
+    cfg = parse_model_config(dict(d_model=32, num_heads=4, num_kv_heads=2,
+                                  attention="nsa", init_std=0.5, **model))  # peaked
+    return registry.build("attention", "nsa", cfg, {**OPTIONS, "cmp_rope": False}, 0)
+
+  scaled = layer(rope_scaling=dict(rope_type="linear", factor=4.0))
+  plain = layer()
+  x = jax.random.normal(jax.random.key(rng_seed), (2, 32, 32))
+  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  params = plain.init(jax.random.key(rng_seed), x, positions)
+  got = scaled.apply(params, x, positions)
+  np.testing.assert_allclose(got, plain.apply(params, x, positions / 4.0), rtol=1e-5,
+                             atol=1e-5)
+  unscaled = plain.apply(params, x, positions)
+  assert np.abs(got - unscaled).max() > 0.05 * np.abs(got).max()

@@ -312,3 +312,20 @@ def test_window_impl_values():
     nsa.window_attention(q, kv[4], kv[5], 4, impl="reference")
   with pytest.raises(TypeError, match="k has dtype int32"):
     nsa.window_attention(q, kv[4].astype(jnp.int32), kv[5], 4)
+
+
+def test_compressed_keys_take_the_rope_scaling(rng_seed):
+  """cmp_rope_scaling: linear factor f rotates compressed block i at its last position
+  (i·d + l − 1)/f (position interpolation), not at i·d + l − 1."""
+  cfg = dict(CONFIGS["B"], cmp_rope_theta=100.0)
+  q, kv, gates, phi_k, _ = _inputs(rng_seed, cfg["t"])
+  scaling = nsa.attention_ops.RopeScaling("linear", 4.0)
+  _, aux = _run(q, kv, gates, phi_k=phi_k, cmp_rope_scaling=scaling, **cfg)
+  kc, vc = nsa.compress(kv[0], 8, 4, phi_k), nsa.compress(kv[1], 8, 4)
+  ends = nsa.compressed_block_ends(kc.shape[1], 8, 4)
+  rotate = lambda pos: nsa.attention_ops.rope(kc, jnp.broadcast_to(pos, kc.shape[:2]),
+                                              100.0)
+  want, _ = nsa.compression_attention(q, rotate(ends / 4.0), vc, 8, 4)
+  unscaled, _ = nsa.compression_attention(q, rotate(ends), vc, 8, 4)
+  np.testing.assert_allclose(aux["o_cmp"], want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(aux["o_cmp"], unscaled, atol=1e-3)
