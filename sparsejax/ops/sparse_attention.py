@@ -88,12 +88,13 @@ def _check(q, k, v, mask, scale, block_q, block_kv):
                      f"head (Hq={hq})")
   if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
     raise ValueError(f"scale={scale!r} must be a finite float > 0")
-  for name, size, blk in (("T", t, block_q), ("S", s, block_kv)):
+  for arg, name, size, blk in (("block_q", "T", t, block_q),
+                               ("block_kv", "S", s, block_kv)):
     if not isinstance(blk, int) or isinstance(blk, bool) or blk < 1:
-      raise ValueError(f"block size {blk!r} for {name} must be an int >= 1")
+      raise ValueError(f"{arg}={blk!r} must be an int >= 1")
     if size and size % min(blk, size):
-      raise ValueError(f"sequence length {name}={size} must be a multiple of its block "
-                       f"size {blk} (pad the sequence or pick a divisor)")
+      raise ValueError(f"sequence length {name}={size} must be a multiple of {arg}={blk} "
+                       "(pad the sequence or pick a divisor)")
 
 
 def _pow2(n: int) -> bool:

@@ -157,7 +157,7 @@ def test_kernel_impls(rng_seed):
     (((1, 16, 2, 8), (1, 16, 2, 8), (1, 12, 2, 8)), {}, "v shape"),
     (((1, 20, 2, 8), (1, 16, 2, 8), (1, 16, 2, 8)), dict(block_q=8), "T=20 must be a multiple"),
     (((1, 16, 2, 8), (1, 24, 2, 8), (1, 24, 2, 8)), dict(block_kv=16), "S=24 must be a "
-     "multiple of its block size 16"),
+     "multiple of block_kv=16"),
     (((1, 16, 2, 8), (1, 16, 2, 8), (1, 16, 2, 8)), dict(scale=0.0), "scale=0.0 must be"),
     (((1, 16, 2, 8), (1, 16, 2, 8), (1, 16, 2, 8)), dict(scale=-1.0), "scale=-1.0 must be"),
     (((1, 16, 2), (1, 16, 2, 8), (1, 16, 2, 8)), {}, "must be 4-D"),

@@ -237,9 +237,6 @@ def test_bad_arguments_raise(data):
     block_sparse_attention(*args, kwargs.pop("mask"), impl="xla", **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="the error says 'block size 0 for T' / 'sequence "
-                   "length T=8 must be a multiple of its block size 3', not block_q= / "
-                   "block_kv=; see tests/property report")
 def test_bad_block_sizes_name_the_argument():
   q = np.ones((1, 8, 2, 4), np.float32)
   for arg in ("block_q", "block_kv"):
