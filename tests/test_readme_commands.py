@@ -9,6 +9,11 @@ import sys
 
 import pytest
 from absl import flags
+# Libraries that define absl flags on import (absl.logging, grain) are imported here, so
+# that experiment_module, which deletes the flags defined while a script loads, keeps them.
+from absl import logging  # noqa: F401
+import sparsejax.train.report  # noqa: F401
+import sparsejax.train.trainer  # noqa: F401
 
 from conftest import REPO, experiment_module, run_main
 

@@ -218,14 +218,14 @@ def load_params(workdir: str, trainer: Trainer) -> Any:
   try:
     _, state, _ = restore_run(workdir, mesh=trainer.mesh)
   except FileNotFoundError as e:
-    raise ValueError(f"config.train.init_from={workdir!r} holds no checkpoint ({e})"
-                     ) from None
+    raise ConfigError(f"config.train.init_from={workdir!r} holds no checkpoint ({e})"
+                      ) from None
   params = state.params
   want = jax.tree.map(lambda a: (a.shape, a.dtype), trainer.abstract_state.params)
   have = jax.tree.map(lambda a: (a.shape, a.dtype), params)
   if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
-    raise ValueError(f"config.train.init_from={workdir!r}: its parameters do not match "
-                     "this model's (paths, shapes or dtypes differ)")
+    raise ConfigError(f"config.train.init_from={workdir!r}: its parameters do not match "
+                      "this model's (paths, shapes or dtypes differ)")
   return params
 
 
@@ -237,7 +237,8 @@ def _flat(tree: Any, prefix: str) -> dict[str, Any]:
   """{"prefix.a.b": leaf} of a nested dict (an empty dict is a leaf)."""
   if not isinstance(tree, Mapping) or not tree:
     return {prefix: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+  return {k: v for key, sub in tree.items()
+          for k, v in _flat(sub, f"{prefix}.{key}").items()}
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
@@ -256,7 +257,8 @@ def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
   changes = config_changes(saved, current)
   for section in ("model", "data"):
     refused = [f"{k}={a!r}, now {b!r}" for k, (a, b) in changes.items()
-               if k.startswith(f"config.{section}.") and k not in _RESUME_FREE_MODEL_FIELDS]
+               if k.startswith(f"config.{section}.")
+               and k not in _RESUME_FREE_MODEL_FIELDS]
     if refused:
       raise ConfigError(
           f"--workdir={workdir} holds a run with a different config.{section} "
@@ -414,7 +416,7 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
             f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
       raise
     except BaseException:
-      with contextlib.suppress(CheckpointError):   # let pending saves land; keep the error
+      with contextlib.suppress(CheckpointError):  # pending saves land; keep the error
         ckpt.wait()
       raise
     finally:

@@ -85,9 +85,9 @@ def _mistakes(tmp_path):
                             {}, f"config.data.path='{tmp_path}/no': path does not exist"),
       "data path empty": ([f"--workdir={run}", f"--config.data.path={tmp_path}/empty"],
                           {}, "no usable files"),
-      "token id out of range": ([f"--workdir={run}",
-                                 f"--config.data.path={tmp_path}/ids.npy"], {},
-                                "ids.npy': token id 256 at index 3000 is outside [0, 256)"),
+      "token id out of range": (
+          [f"--workdir={run}", f"--config.data.path={tmp_path}/ids.npy"], {},
+          "ids.npy': token id 256 at index 3000 is outside [0, 256)"),
       "mesh size": ([f"--workdir={run}", "--config.mesh.data=2"], {},
                     "multiply to 2, but there are 1 devices"),
       "batch not divisible": ([f"--workdir={run}"], {"JAX_NUM_CPU_DEVICES": "3"},

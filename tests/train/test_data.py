@@ -249,8 +249,9 @@ def test_token_ids_outside_the_vocab_are_rejected_naming_the_shard(tmp_path, dty
   np.save(tmp_path / name, tokens)
   split = "val" if _hash_val(name, 0.5) else "train"
   with pytest.raises(validation.ConfigError,
-                     match=rf"config\.data\.path='.*{name}': token id {bad_id} at index "
-                           rf"{at} is outside \[0, {vocab}\) \(config\.model\.vocab_size"):
+                     match=rf"config\.data\.path='.*{name}': token id {bad_id} at "
+                           rf"index {at} is outside \[0, {vocab}\) "
+                           rf"\(config\.model\.vocab_size"):
     data.make_dataset(cfg, split, vocab_size=vocab, process_index=0, process_count=1)
   # A single .npy file is checked whole, whichever split is asked for.
   cfg1 = data.DataConfig(path=str(tmp_path / name), val_fraction=0.5)
@@ -263,8 +264,9 @@ def test_text_bytes_are_checked_against_a_small_vocab(text_file):
   cfg = data.DataConfig(path=str(text_file))
   assert len(data.load_tokens(cfg, "train", vocab_size=256))
   first = int(np.argmax(data.load_tokens(cfg, "train") >= 100))
-  with pytest.raises(validation.ConfigError, match=rf"corpus\.txt': token id \d+ at "
-                                                   rf"index {first} is outside \[0, 100\)"):
+  with pytest.raises(validation.ConfigError,
+                     match=rf"corpus\.txt': token id \d+ at index {first} is outside "
+                           rf"\[0, 100\)"):
     data.load_tokens(cfg, "train", vocab_size=100)
 
 

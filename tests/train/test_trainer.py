@@ -256,7 +256,8 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path,
 
 def _corrupt(step_dir, how):
   if how == "truncated array file":
-    for name in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+    for name in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
+                          recursive=True):
       with open(name, "r+b") as f:
         f.truncate(os.path.getsize(name) // 2)
   elif how == "broken metadata":
