@@ -258,7 +258,7 @@ def test_tpu_pipeline_on_two_cores(key, small_tiles, monkeypatch, dtype):
 def test_touched_tiles_lists_nonempty_tiles():
   """touched_tiles against a numpy loop: the non-empty row tiles in order with their
   CSR ranges, then repeats of the last one."""
-  from pallas_kernels.memory_lookup.tpu import touched_tiles
+  from pallas_kernels.memory_lookup.csr import touched_tiles
   rng = np.random.default_rng(0)
   counts = rng.integers(0, 3, 40) * (rng.random(40) < 0.3)          # per row
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -271,6 +271,28 @@ def test_touched_tiles_lists_nonempty_tiles():
   np.testing.assert_array_equal(ends, offsets[4 * np.array(want_all) + 4])
   tiles, starts, ends, num = touched_tiles(jnp.zeros(41, jnp.int32), 10, 4, 3)
   assert int(num) == 0 and not np.any(tiles) and not np.any(ends)
+
+
+def test_launch_counts_at_realistic_shape():
+  """The before → after counts in the tpu.py / gpu.py docstrings, from the kernels'
+  own tilings, at T·H = L = 8192, K = 32, v = 256, N = 262144, G = 1, f32."""
+  from pallas_kernels.memory_lookup import gpu, tpu
+  l, k, v, n = 8192, 32, 256, 262144
+  tl = tpu.token_tile(k)
+  steps = 0
+  for s, e in tpu._token_chunks(l, k, tl):
+    cores, per_core = tpu._core_split(-(-(e - s) // tl))
+    assert cores == 2
+    steps += cores * per_core
+  # TPU forward / d_weights: 1024 steps of 8 tokens with one wait per row DMA before;
+  # 512 steps of 16 tokens, one wait per step, L·K = 262144 row DMAs either way.
+  assert (tl, steps, steps * tl * k) == (16, 512, l * k)
+  # TPU d_values: a step per touched row tile (≤ min(N/R, L·K)), all N/R = 8192 before.
+  assert min(n // ROW_TILE, l * k) == 8192 and min(n // ROW_TILE, 64 * k) == 2048
+  # GPU: KB = 32 rows gathered per load (1 before), one loop step per token.
+  bv = gpu.block_v(v)
+  assert bv == 256 and gpu.block_k(k, bv, gpu.FWD_ELEMENTS) == 32
+  assert gpu.block_k(k, bv, gpu.DW_ELEMENTS) == 32
 
 
 def test_constraints_and_vmem_footprint():
@@ -307,10 +329,16 @@ def test_tpu_forward_no_races(key, small_tiles):
   assert ipc.races is not None and not ipc.races.races_found
 
 
-def test_gpu_column_chunks(key):
-  """Several Triton column chunks with a partial last one (v=48, BV=32)."""
-  values, indices, weights, groups, d_out = make_inputs(key, 12, 48, 5, 3, 3,
+def test_gpu_column_chunks_and_lookup_blocks(key, monkeypatch):
+  """Several Triton column chunks with a partial last one (v=48, BV=32) and several
+  gathered lookup blocks with a partial last one (K=5, KB=2; a row's d_values lookups
+  in several blocks)."""
+  from pallas_kernels.memory_lookup import gpu
+  monkeypatch.setattr(gpu, "MAX_BLOCK_K", 2)
+  values, indices, weights, groups, d_out = make_inputs(key, 12, 48, 5, 5, 3,
                                                         jnp.float32, jnp.float32, "dups")
+  assert gpu.block_k(5, 32, gpu.FWD_ELEMENTS) == 2
+  assert np.bincount(np.asarray(indices).ravel()).max() > 2
 
   @jax.jit
   def run(values, indices, weights, groups, d_out):
