@@ -51,7 +51,10 @@ def rng_seed(request):
 @contextlib.contextmanager
 def experiment_module(name):
   """Imports experiments/<name>.py for in-process tests and removes the absl flags it
-  defined afterwards (the scripts share flag names such as --repeats and --out)."""
+  defined afterwards (the scripts share flag names such as --repeats and --out).
+  Flags of libraries it imported for the first time (absl.logging's --verbosity,
+  grain's) stay: later imports of those libraries will not define them again."""
+  import sys
   from absl import flags
   before = set(flags.FLAGS)
   spec = importlib.util.spec_from_file_location(
@@ -61,7 +64,11 @@ def experiment_module(name):
   try:
     yield module
   finally:
-    for flag in set(flags.FLAGS) - before:
+    # A script's own flags are attributed to its loader (no module of that name).
+    library = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+               if module in sys.modules and not module.startswith("importlib")
+               for f in defined}
+    for flag in set(flags.FLAGS) - before - library:
       delattr(flags.FLAGS, flag)
 
 

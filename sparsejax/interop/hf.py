@@ -60,6 +60,7 @@ from safetensors.numpy import save_file
 from sparsejax import sharding
 from sparsejax.interop import hf_config
 from sparsejax.interop.hf_config import HFConfigError
+from sparsejax.validation import ConfigError
 from sparsejax.models import DecoderLM
 from sparsejax.models.config import ModelConfig
 from sparsejax.train.state import split_variables
@@ -75,7 +76,7 @@ __all__ = ["load_hf", "save_hf", "model_variables", "HFCheckpointError",
            "HFConfigError"]
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(ConfigError):
   """A checkpoint directory whose tensors do not match its config.json."""
 
 

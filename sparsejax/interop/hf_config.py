@@ -53,7 +53,7 @@ _IGNORED = {"bos_token_id", "eos_token_id", "pad_token_id", "max_position_embedd
             "is_decoder", "chunk_size_feed_forward", "bos_token", "eos_token"}
 
 
-class HFConfigError(ValueError):
+class HFConfigError(validation.ConfigError):
   """A Hugging Face config.json (or a ModelConfig to save) that cannot be converted."""
 
 

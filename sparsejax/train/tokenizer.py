@@ -39,7 +39,11 @@ class ByteTokenizer:
     return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
 
   def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    """UTF-8 text of byte ids; ids outside [0, 256) (a byte model with vocab_size >
+    256 can sample them) decode as U+FFFD."""
+    ids = [int(i) for i in ids]
+    text = bytes(i if 0 <= i < 256 else 0xFF for i in ids)   # 0xFF is never valid UTF-8
+    return text.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

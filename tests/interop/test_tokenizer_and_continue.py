@@ -84,3 +84,13 @@ def test_continue_training_a_hf_checkpoint(tmp_path):
     train(parse_config(tiny_config_dict(
         data=dict(path=TEXT), train=dict(init_from_hf=LLAMA, sample_tokens=5))),
           str(tmp_path / "x"))
+
+
+def test_byte_tokenizer_decodes_out_of_range_ids_as_replacement():
+  """A byte model with vocab_size > 256 can sample ids >= 256: they decode as U+FFFD,
+  the valid bytes around them (multi-byte UTF-8 included) decode unchanged."""
+  from sparsejax.train.tokenizer import ByteTokenizer
+  text = "héllo"
+  ids = list(text.encode("utf-8"))
+  assert ByteTokenizer().decode(ids) == text
+  assert ByteTokenizer().decode(ids[:1] + [256, 1000] + ids[1:]) == "h\ufffd\ufffd" + text[1:]
