@@ -7,14 +7,15 @@
 with f32 accumulation, out [L, G, v] in result_type(values, weights). Backward (a
 `jax.custom_vjp`, deterministic: no atomics) is two kernels:
     d_values[n]  = Σ_{(l,k): indices[l,k]=n} weights[l,k] · dY[l, groups[l,k]]  (CSR
-                   of the row-sorted lookups, built in XLA; one write per dV tile)
+                   of the row-sorted lookups, built in XLA by `csr.py`; one write per
+                   touched dV tile / row into an aliased zeros table)
     d_weights[l,k] = ⟨dY[l, groups[l,k]], values[indices[l,k]]⟩               (gather)
 Indices and groups get no gradient. Invalid lookups (index outside [0, N), negative =
 padding, or group outside [0, G)) contribute exactly zero to the output and get zero
 d_weights and no d_values update (`rule.py`). No tokens (L = 0), no lookups (K = 0) or
 an empty table give zeros of the output shape. `kernel_unmet` states the inputs a
 kernel cannot take (callers fall back to XLA). See `tpu.py` / `gpu.py` for tiling,
-DMA patterns, VMEM limits and rooflines.
+DMA patterns, VMEM limits, rooflines and grid-step / DMA counts.
 """
 
 from __future__ import annotations

@@ -72,18 +72,20 @@ limit) into an XLA fallback for impl="auto".
 Roofline (b(·) = bytes per element, FLOPs negligible; HBM bound, and at small v·b(V)
 bound by the DMA issue rate — one descriptor per lookup; keep rows ≥ 2-4 KB):
   forward    ideal L·K·v·b(V) + L·G·v·b(out) + L·K·(4 + 4 + b(w))
-             moved: b(V) → 4 (bf16 row pairs), + 4 B per lookup of code
+             moved: b(V) → 4 (bf16 row pairs); per lookup 4 (index) + 4 (code: the
+             group) + 4 (f32 weight)
   d_values   ideal L·K·v·b(dY) + N·v·b(V) + L·K·(4 + 4 + 4) (+ the XLA sort of L·K int32)
              moved: the dY row pairs for bf16; untouched tiles cost the XLA zeros only
   d_weights  ideal L·K·v·b(V) + L·G·v·b(dY) + L·K·(4 + 4 + 4)  (moved: as the forward)
 Counts at T·H = L = 8192, K = 32, v = 256, N = 262144, G = 1 (computed from
 these tilings by the kernel tests). Before → after:
-  forward / d_weights  grid steps 1024 → 512 (TL 8 → 16, 2 × 256 on a megacore);
-             row DMAs 262144 (unchanged: one per lookup); semaphore waits 262144 → 512;
-             matmuls per step TL = 8 → 1 (2 for bf16)
+  forward / d_weights  grid steps 1024 → 512 (TL 8 → 16; 4 SMEM chunks × 2 cores ×
+             64 steps); row DMAs 262144 (unchanged: one per lookup); semaphore waits
+             262144 → 512; matmuls per step TL = 8 → 1 (2 for bf16)
   d_values   grid steps 8192 → ≤ 8192 touched tiles (all touched at this shape: random
-             rows hit every 32-row tile; at L = 64 only ≤ 2048 of the 8192), serial DMA
-             round trips per tile 2 → 0 (first chunk prefetched a step ahead).
+             rows hit every 32-row tile; at L = 64 only ≤ 2048 of the 8192); DMA round
+             trips exposed per tile (metadata, then rows) 2 → 0 when the next tile's
+             first chunk (≈ 32 lookups per tile here, one chunk) lands within a step.
 """
 
 from __future__ import annotations
