@@ -64,9 +64,11 @@ def experiment_module(name):
   try:
     yield module
   finally:
-    # A script's own flags are attributed to its loader (no module of that name).
+    # A script's own flags are attributed to its loader, and config override flags
+    # (created while parsing) to absl.flags itself: only other modules' flags stay.
     library = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
-               if module in sys.modules and not module.startswith("importlib")
+               if module in sys.modules
+               and not module.startswith(("importlib", "absl.flags"))
                for f in defined}
     for flag in set(flags.FLAGS) - before - library:
       delattr(flags.FLAGS, flag)

@@ -92,20 +92,39 @@ def test_fields_left_at_their_default_can_be_overridden(monkeypatch):
                                     "--config.model.num_layrs=3"], monkeypatch)
 
 
+def _workdir(args):
+  return next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+
+
+RUNNABLE = [a for a in TRAIN if not any("path/to/" in x or "=..." in x for x in a)]
+
+
+def _prerequisites(args):
+  """The earlier README train commands whose workdir `args` starts from (init_from)."""
+  wanted = {a.split("=", 1)[1] for a in args if a.startswith("--config.train.init_from=")}
+  return [a for a in RUNNABLE[:RUNNABLE.index(args)] if _workdir(a) in wanted]
+
+
+def test_readme_train_commands_are_runnable():
+  assert len(RUNNABLE) >= 10
+  for args in RUNNABLE:               # an init_from workdir comes from an earlier command
+    for a in args:
+      if a.startswith("--config.train.init_from="):
+        assert _prerequisites(args), a
+
+
 @pytest.mark.slow
-def test_train_commands_run_one_step(tmp_path, monkeypatch, capsys):
-  """Each README train.py command, run in order from a scratch directory (so a
-  command can use an earlier one's workdir, e.g. init_from=workdir/dense), trains and
-  checkpoints one step with a small batch."""
+@pytest.mark.parametrize("args", RUNNABLE, ids=[" ".join(a)[9:70] for a in RUNNABLE])
+def test_train_command_runs_one_step(args, tmp_path, monkeypatch, capsys):
+  """The README train.py command, run from a scratch directory after the commands
+  whose workdir it starts from (e.g. init_from=workdir/dense), trains and checkpoints
+  one step with a small batch."""
   os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
   monkeypatch.chdir(tmp_path)
-  runnable = [a for a in TRAIN if not any("path/to/" in x or "=..." in x for x in a)]
-  assert len(runnable) >= 10
-  for args in runnable:
-    argv = ["experiments/train.py", *args, *_ONE_STEP]
+  for command in [*_prerequisites(args), args]:
+    argv = ["experiments/train.py", *command, *_ONE_STEP]
     monkeypatch.setattr(sys, "argv", argv)
     with experiment_module("train") as module:
       run_main(module, argv)
-    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "1")), args
-    assert "final: step 1" in capsys.readouterr().out, args
+    assert os.path.isdir(os.path.join(_workdir(command), "checkpoints", "1")), command
+    assert "final: step 1" in capsys.readouterr().out, command
