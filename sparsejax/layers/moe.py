@@ -15,7 +15,10 @@ y = Σ_shared FFN_s(x) + Σ_{i ∈ top-k} w_i · FFN_i(x), the routed experts co
             shared/{gate_proj,up_proj,down_proj} when num_shared > 0 (a GatedFFN of
             hidden size num_shared · F, built with the configured linear: the
             num_shared shared experts concatenated along the hidden dim).
-  moe_state bias [E] f32, zeros: the aux-loss-free selection bias (DeepSeek-V3). When
+  moe_state bias [E] f32, zeros: the aux-loss-free selection bias (DeepSeek-V3), only
+            when routing uses it (`MoEOptions.uses_bias`: scoring="sigmoid" or
+            bias_update_rate > 0; softmax routing without updates, e.g. Mixtral, has
+            no "moe_state" and applies with `{"params": params}` alone). When
             bias_update_rate γ > 0 and the collection is mutable (the trainer's train
             step, not eval or init), each forward sets b ← b + γ·sign(mean load − load)
             from this step's load, so the next step routes with it. It is kept in
@@ -106,6 +109,12 @@ class MoEOptions:
           f"{prefix}.expert_parallel", self.expert_parallel,
           f'False unless dispatch="capacity" (dispatch={self.dispatch!r})')
 
+  @property
+  def uses_bias(self) -> bool:
+    """Whether routing has a selection bias, i.e. the "moe_state" collection: with
+    sigmoid scoring (DeepSeek-V3's, which a checkpoint may hold) or bias updates."""
+    return self.scoring == "sigmoid" or self.bias_update_rate > 0
+
   def resolved_d_expert(self, d_ff: int) -> int:
     return self.d_expert or max(1, d_ff // (self.top_k + self.num_shared))
 
@@ -158,13 +167,13 @@ class MoEFFN(nn.Module):
     w_gate = param("w_gate", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std)
     w_up = param("w_up", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std)
     w_down = param("w_down", (e, f, d), ("expert", "mlp", "embed"), output_init_std(cfg))
-    bias = self.variable("moe_state", "bias", lambda: jnp.zeros((e,), jnp.float32))
+    bias = (self.variable("moe_state", "bias", lambda: jnp.zeros((e,), jnp.float32))
+            if opt.uses_bias else None)
 
     logits = jnp.dot(xt.astype(jnp.float32), router.astype(jnp.float32))  # [N, E]
-    use_bias = opt.scoring == "sigmoid" or opt.bias_update_rate > 0
     weights, experts, scores = moe_ops.route(
         logits, opt.top_k, scoring=opt.scoring,
-        bias=bias.value if use_bias else None, renormalize=opt.renormalize)
+        bias=bias.value if bias is not None else None, renormalize=opt.renormalize)
     dispatch = resolve_dispatch(opt.dispatch, xt.shape[0], opt.top_k, e)
     dtype = cfg.dtype
     args = (xt.astype(dtype), weights, experts, w_gate.astype(dtype),

@@ -18,7 +18,7 @@ from sparsejax.models import parse_model_config
 from sparsejax.ops import moe as moe_ops
 from sparsejax.sharding import unbox
 from sparsejax.train.config import parse_config
-from sparsejax.train.trainer import train
+from sparsejax.train.trainer import restore_run, train
 from sparsejax.validation import ConfigError
 
 D, D_FF = 16, 32
@@ -60,11 +60,14 @@ def test_layer_equals_ops_on_its_params(rng_seed, options):
   for name, names in axes.items():
     assert isinstance(boxed[name], nn.LogicallyPartitioned)
     assert boxed[name].names == names and boxed[name].value.shape == shapes[name]
-  assert variables["moe_state"]["bias"].shape == (e,)
+  # The routing bias exists only when routing uses it (sigmoid scoring): softmax
+  # routing applies with its params alone.
+  assert ("moe_state" in variables) == (opt.scoring == "sigmoid")
   assert ("shared" in boxed) == bool(opt.num_shared)
   params = random_params(boxed, rng)
-  bias = jnp.zeros((e,))
-  y, sown = jax.jit(lambda p: ffn.apply({"params": p, "moe_state": {"bias": bias}}, x,
+  bias = jnp.asarray(0.1 * rng.standard_normal(e).astype(np.float32))
+  state = {"moe_state": {"bias": bias}} if "moe_state" in variables else {}
+  y, sown = jax.jit(lambda p: ffn.apply({"params": p, **state}, x,
                                         mutable=["aux_loss", "metrics"]))(params)
   # The same computation from the ops (loop reference), plus the shared expert in NumPy.
   xt = x.reshape(-1, D)
@@ -114,6 +117,16 @@ def test_bias_updates_only_when_moe_state_is_mutable(rng_seed):
   assert np.abs(np.asarray(expected)).max() > 0
 
 
+@pytest.mark.parametrize("options, uses_bias", [
+    (dict(), False), (dict(scoring="sigmoid"), True), (dict(bias_update_rate=1e-3), True),
+])
+def test_moe_state_exists_only_when_routing_uses_it(options, uses_bias):
+  x = jnp.ones((1, 2, D))
+  variables = jax.eval_shape(build(**options).init, jax.random.key(0), x)
+  assert MoEOptions(**options).uses_bias == uses_bias
+  assert ("moe_state" in variables) == uses_bias
+
+
 def test_auto_dispatch_uses_decode_for_small_batches(rng_seed):
   assert resolve_dispatch("auto", 1, 2, 8) == "decode"
   assert resolve_dispatch("auto", 4, 2, 8) == "dropless"
@@ -123,7 +136,7 @@ def test_auto_dispatch_uses_decode_for_small_batches(rng_seed):
   auto, dropless = build(num_experts=8, dispatch="auto"), build(num_experts=8,
                                                                 dispatch="dropless")
   params = random_params(jax.eval_shape(auto.init, jax.random.key(0), x)["params"], rng)
-  variables = {"params": params, "moe_state": {"bias": jnp.zeros(8)}}
+  variables = {"params": params}
   np.testing.assert_allclose(jax.jit(auto.apply)(variables, x),
                              jax.jit(dropless.apply)(variables, x),
                              rtol=1e-5, atol=1e-6)
@@ -138,7 +151,7 @@ def test_no_tokens_give_empty_output_and_finite_losses(rng_seed, dispatch):
   x = jnp.zeros((2, 0, D))
 
   def loss(params, x):
-    y, sown = ffn.apply({"params": params, "moe_state": {"bias": jnp.zeros(4)}}, x,
+    y, sown = ffn.apply({"params": params}, x,
                         mutable=["aux_loss", "metrics"])
     aux = sum(v[0] for v in sown["aux_loss"].values())
     return jnp.sum(y) + aux, (y, sown["metrics"])
@@ -205,6 +218,10 @@ def test_train_on_expert_mesh_collects_aux_loss_load_metrics_and_bias(tmp_path):
   bias = np.asarray(state.model_state["moe_state"]["block_0"]["ffn"]["bias"])
   assert np.abs(bias).max() > 0 and np.all(np.abs(bias) <= 2e-3 + 1e-9)
   assert "bias" not in ffn_params
+  _, restored, step = restore_run(str(tmp_path))   # the checkpoint holds the bias
+  assert step == 2
+  np.testing.assert_array_equal(
+      restored.model_state["moe_state"]["block_0"]["ffn"]["bias"], bias)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train_records = [r for r in records if r["split"] == "train"]
   assert len(train_records) == 2
