@@ -8,8 +8,9 @@ Rerunning the same command resumes from the latest checkpoint in --workdir (a ch
 learning rate or step count is allowed and printed; a different model or data is
 refused). Ctrl-C finishes the current step, saves it and exits (status 130); a second
 Ctrl-C stops at once. At the end it prints the val loss and bits-per-byte, writes
-workdir/report.md and loss_curve.png, and prints a generated sample. A bad config
-value, path or data prints one `error: ...` line (--debug shows the traceback).
+workdir/report.md and loss_curve.png, and prints a sample generated with the run's
+tokenizer (`config.data.tokenizer`). A bad config value, path or data prints one
+`error: ...` line (--debug shows the traceback).
 Multi-host (TPU pods, GPU clusters): pass --distributed so `jax.distributed.initialize()`
 picks up the launcher's environment.
 """
@@ -23,7 +24,9 @@ from ml_collections import config_flags
 from sparsejax.train.checkpoint import quiet_orbax_logs
 from sparsejax.train.config import Config, config_to_dict, parse_config, sections_help
 from sparsejax.train.generate import generate_text
+from sparsejax.train.metrics import format_bpb
 from sparsejax.train.report import count_params, write_report
+from sparsejax.train.tokenizer import load_tokenizer
 from sparsejax.train.trainer import train
 from sparsejax.validation import ConfigError, run_cli
 
@@ -59,11 +62,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  config = load_config()
-  result = train(config, _WORKDIR.value)
+  result = train(load_config(), _WORKDIR.value)
+  config = result.trainer.config   # with init_from_hf: the checkpoint's model, tokenizer
   metrics = result.metrics
-  print(f"final: step {metrics['step']}, val loss {metrics['loss']:.4f} nats/byte, "
-        f"{metrics['bpb']:.4f} bits-per-byte")
+  print(f"final: step {metrics['step']}, val loss {metrics['loss']:.4f} nats/token, "
+        f"bits-per-byte {format_bpb(metrics['bpb'])}")
   if jax.process_index() != 0:
     return
   state = result.state
@@ -72,7 +75,8 @@ def main(argv):
     variables = {"params": state.params, **state.model_state}
     sample = generate_text(result.trainer.model, variables, config.train.sample_prompt,
                            max_new_tokens=config.train.sample_tokens,
-                           seed=config.train.seed)
+                           seed=config.train.seed,
+                           tokenizer=load_tokenizer(config.data.tokenizer))
     print(f"--- sample ---\n{config.train.sample_prompt}{sample}\n--------------")
   report = write_report(_WORKDIR.value, config=config_to_dict(config), metrics=metrics,
                         num_params=count_params(state.params),

@@ -57,13 +57,9 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
   def validate(self, prefix: str = "config") -> None:
-    bytes_tokens = self.data.tokenizer == "bytes"
-    check(self.model.vocab_size >= 256 or bool(self.data.path) or not bytes_tokens,
-          f"{prefix}.model.vocab_size", self.model.vocab_size,
-          ">= 256 for the byte-level default corpus")
-    check(self.train.sample_tokens == 0 or bytes_tokens, f"{prefix}.train.sample_tokens",
-          self.train.sample_tokens, "0 when config.data.tokenizer is not 'bytes' (the "
-          "end-of-run sample is byte-level)")
+    check(self.model.vocab_size >= 256 or bool(self.data.path)
+          or self.data.tokenizer != "bytes", f"{prefix}.model.vocab_size",
+          self.model.vocab_size, ">= 256 for the byte-level default corpus")
 
 
 def sections_help() -> str:

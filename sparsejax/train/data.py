@@ -25,6 +25,10 @@ model's `vocab_size`, every token id is checked to lie in [0, vocab_size) when a
 is opened (an id outside would index past the embedding: NaN or silently wrong), and
 the error names the shard, the id, its index and the range.
 
+Bits-per-byte needs the UTF-8 bytes behind the tokens (`bytes_per_token`): one per
+byte token; for a tokenizer.json, recorded when the text is tokenized (EOS separators
+count one byte, like the byte pipeline's NUL); unknown (NaN) for `.npy` shards.
+
 Examples are packed, non-overlapping windows: window i is
 `tokens[i * seq_len : i * seq_len + seq_len + 1]`, `inputs = window[:-1]`,
 `targets = window[1:]`.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import sysconfig
 
@@ -74,7 +79,8 @@ class DataConfig:
     tokenizer_lib.check_tokenizer(self.tokenizer, f"{prefix}.tokenizer")
 
 
-def _error(path: str, msg: str) -> validation.ConfigError:
+def source_error(path: str, msg: str) -> validation.ConfigError:
+  """A ConfigError "config.data.path=<path>: <msg>" about the data source `path`."""
   return validation.ConfigError(f"{_PATH_FIELD}={path!r}: {msg}")
 
 
@@ -112,8 +118,32 @@ def _stdlib_files() -> list[tuple[str, str]]:
   return [(r, p) for r, p in _walk(root, keep) if r.endswith(".py")]
 
 
-def _read_texts(files: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
-  """Reads files, dropping empty and binary (NUL-containing) ones."""
+def source_files(path: str) -> list[tuple[str, str]]:
+  """(relpath with '/', abspath) of the files of the source `path`, sorted: the
+  embedded corpus's `.py` files for "", `[(basename, path)]` for a file, else the
+  regular files under the directory, skipping hidden files and directories."""
+  if path == "":
+    return _stdlib_files()
+  if os.path.isfile(path):
+    return [(os.path.basename(path), path)]
+  return _walk(path, lambda parts: not parts[-1].startswith("."))
+
+
+def is_text_source(path: str) -> bool:
+  """Whether `path` is a text source (the embedded corpus, a text file or a directory
+  of text files); False for pre-tokenized `.npy` sources and missing paths."""
+  if path == "":
+    return True
+  if not os.path.exists(path):
+    return False
+  if os.path.isfile(path):
+    return not path.endswith(".npy")
+  return not any(r.endswith(".npy") for r, _ in source_files(path))
+
+
+def read_texts(files: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+  """(relpath, bytes) of `files` (from `source_files`), dropping empty and binary
+  (NUL-containing) ones."""
   out = []
   for rel, full in files:
     with open(full, "rb") as f:
@@ -121,6 +151,30 @@ def _read_texts(files: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
     if data and b"\0" not in data:
       out.append((rel, data))
   return out
+
+
+def text_documents(path: str, split: str, val_fraction: float) -> list[bytes]:
+  """The documents (raw bytes, in order) of `split` of the text source `path`: the
+  files whose relpath hashes to `split` (module docstring), or for a single usable file
+  the tail `val_fraction` of its bytes (val) or the rest (train). Raises ConfigError
+  naming `config.data.path` for a missing path, a single file with NUL bytes or a
+  directory without usable files."""
+  if path != "" and not os.path.exists(path):
+    raise source_error(path, "path does not exist")
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      data = f.read()
+    if b"\0" in data:
+      raise source_error(path, "file contains NUL bytes (binary?); text sources must not")
+    texts = [(os.path.basename(path), data)]
+  else:
+    texts = read_texts(source_files(path))
+  if not texts:
+    raise source_error(path, "directory has no usable files (non-hidden, non-empty text "
+                             "files without NUL bytes, or *.npy shards)")
+  if len(texts) == 1:
+    return [_tail_split(texts[0][1], split, val_fraction)]
+  return [d for r, d in texts if _is_val(r, val_fraction) == (split == "val")]
 
 
 _CHECK_CHUNK = 1 << 24   # token ids scanned at a time (bounded memory on memory maps)
@@ -140,8 +194,9 @@ def _check_ids(tokens: np.ndarray, source: str, vocab_size: int | None) -> None:
     if chunk.min() >= 0 and chunk.max() < vocab_size:
       continue
     i = int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
-    raise _error(source, f"token id {int(chunk[i])} at index {start + i} is outside "
-                         f"[0, {vocab_size}) (config.model.vocab_size={vocab_size})")
+    raise source_error(source, f"token id {int(chunk[i])} at index {start + i} is "
+                               f"outside [0, {vocab_size}) (config.model.vocab_size="
+                               f"{vocab_size})")
 
 
 def _load_npy(path: str, vocab_size: int | None = None) -> np.ndarray:
@@ -152,8 +207,8 @@ def _load_npy(path: str, vocab_size: int | None = None) -> np.ndarray:
   except ValueError:  # e.g. an empty array cannot be memory-mapped
     arr = np.load(path)
   if arr.ndim != 1 or arr.dtype.kind not in "iu":
-    raise _error(path, f"pre-tokenized shards must be 1-D integer arrays, got "
-                       f"shape {arr.shape} dtype {arr.dtype}")
+    raise source_error(path, f"pre-tokenized shards must be 1-D integer arrays, got "
+                             f"shape {arr.shape} dtype {arr.dtype}")
   stat = os.stat(path)
   key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, vocab_size)
   if key not in _CHECKED_SHARDS:
@@ -162,7 +217,9 @@ def _load_npy(path: str, vocab_size: int | None = None) -> np.ndarray:
   return arr
 
 
-def _tail_split(tokens: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
+def _tail_split(tokens, split: str, val_fraction: float):
+  """The last `int(len(tokens) * val_fraction)` items of an array or bytes (val), or
+  the items before them (train)."""
   n_val = int(len(tokens) * val_fraction)
   return tokens[len(tokens) - n_val:] if split == "val" else tokens[:len(tokens) - n_val]
 
@@ -173,35 +230,16 @@ def _join_texts(texts: list[bytes]) -> np.ndarray:
 
 def _load(path: str, split: str, val_fraction: float,
           vocab_size: int | None = None) -> np.ndarray:
-  if path == "":
-    texts = _read_texts(_stdlib_files())
-    chosen = [d for r, d in texts if _is_val(r, val_fraction) == (split == "val")]
-    return _join_texts(chosen)
-  if not os.path.exists(path):
-    raise _error(path, "path does not exist")
+  if is_text_source(path) or not os.path.exists(path):
+    return _join_texts(text_documents(path, split, val_fraction))
   if os.path.isfile(path):
-    if path.endswith(".npy"):
-      return _tail_split(_load_npy(path, vocab_size), split, val_fraction)
-    with open(path, "rb") as f:
-      data = f.read()
-    if b"\0" in data:
-      raise _error(path, "file contains NUL bytes (binary?); text sources must not")
-    return _tail_split(np.frombuffer(data, dtype=np.uint8), split, val_fraction)
-  files = _walk(path, lambda parts: not parts[-1].startswith("."))
-  shards = [(r, p) for r, p in files if r.endswith(".npy")]
-  if shards:
-    if len(shards) == 1:
-      return _tail_split(_load_npy(shards[0][1], vocab_size), split, val_fraction)
-    chosen = [_load_npy(p, vocab_size) for r, p in shards
-              if _is_val(r, val_fraction) == (split == "val")]
-    return np.concatenate(chosen) if chosen else np.zeros((0,), np.int32)
-  texts = _read_texts(files)
-  if not texts:
-    raise _error(path, "directory has no usable files (non-hidden, non-empty text "
-                       "files without NUL bytes, or *.npy shards)")
-  if len(texts) == 1:
-    return _tail_split(np.frombuffer(texts[0][1], np.uint8), split, val_fraction)
-  return _join_texts([d for r, d in texts if _is_val(r, val_fraction) == (split == "val")])
+    return _tail_split(_load_npy(path, vocab_size), split, val_fraction)
+  shards = [(r, p) for r, p in source_files(path) if r.endswith(".npy")]
+  if len(shards) == 1:
+    return _tail_split(_load_npy(shards[0][1], vocab_size), split, val_fraction)
+  chosen = [_load_npy(p, vocab_size) for r, p in shards
+            if _is_val(r, val_fraction) == (split == "val")]
+  return np.concatenate(chosen) if chosen else np.zeros((0,), np.int32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -220,7 +258,7 @@ def load_tokens(cfg: DataConfig, split: str, *,
   files, an empty split or (given `vocab_size`) a token id outside [0, vocab_size).
   """
   validation.check_choice("split", split, _SPLITS)
-  if cfg.tokenizer != tokenizer_lib.BYTES and tokenizer_lib.is_text_source(cfg.path):
+  if cfg.tokenizer != tokenizer_lib.BYTES and is_text_source(cfg.path):
     tokens = tokenizer_lib.load_tokenized(cfg.path, cfg.tokenizer, split,
                                           float(cfg.val_fraction))
     _check_ids(tokens, cfg.path, vocab_size)   # the tokenizer's ids vs the model's
@@ -232,10 +270,24 @@ def load_tokens(cfg: DataConfig, split: str, *,
     if tokens.dtype == np.uint8:
       _check_ids(tokens, cfg.path, vocab_size)
   if len(tokens) == 0:
-    raise _error(cfg.path, f"the {split} split is empty (val_fraction="
-                           f"{cfg.val_fraction}); add data or change "
-                           f"config.data.val_fraction")
+    raise source_error(cfg.path, f"the {split} split is empty (val_fraction="
+                                 f"{cfg.val_fraction}); add data or change "
+                                 f"config.data.val_fraction")
   return tokens
+
+
+def bytes_per_token(cfg: DataConfig, split: str) -> float:
+  """Mean UTF-8 bytes per token of `split`, the denominator of bits-per-byte: 1 for
+  byte tokens of a text source; with a tokenizer.json, the bytes of the split's text
+  over its token count (`sparsejax.train.tokenizer.bytes_per_token`); NaN for
+  pre-tokenized `.npy` sources, whose text is unknown."""
+  validation.check_choice("split", split, _SPLITS)
+  if not is_text_source(cfg.path):
+    return math.nan
+  if cfg.tokenizer == tokenizer_lib.BYTES:
+    return 1.0
+  return tokenizer_lib.bytes_per_token(cfg.path, cfg.tokenizer, split,
+                                       float(cfg.val_fraction))
 
 
 class WindowSource:
@@ -293,10 +345,11 @@ def make_dataset(cfg: DataConfig, split: str, *, vocab_size: int | None = None,
   source = WindowSource(tokens, cfg.seq_len)
   if len(source) < cfg.batch_size:
     need = cfg.batch_size * cfg.seq_len + 1
-    raise _error(cfg.path, f"the {split} split has {len(tokens)} tokens but one global "
-                           f"batch needs at least {need} (batch_size={cfg.batch_size} "
-                           f"windows of seq_len+1={cfg.seq_len + 1} tokens, packed); "
-                           f"use more data or a smaller seq_len/batch_size")
+    raise source_error(cfg.path, f"the {split} split has {len(tokens)} tokens but one "
+                                 f"global batch needs at least {need} (batch_size="
+                                 f"{cfg.batch_size} windows of seq_len+1="
+                                 f"{cfg.seq_len + 1} tokens, packed); use more data or "
+                                 "a smaller seq_len/batch_size")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if split == "train":
     ds = ds.shuffle(seed=cfg.seed).repeat().batch(local_b, drop_remainder=True)

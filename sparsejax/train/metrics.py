@@ -14,8 +14,16 @@ import tqdm
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float = 1.0) -> float:
-  """Cross-entropy in nats per token -> bits per byte (byte-level tokens: 1 byte each)."""
+  """Mean cross-entropy in nats per token -> bits per byte, Σ nats / (Σ bytes · ln 2),
+  for tokens of `bytes_per_token` UTF-8 bytes on average (1 for byte-level tokens; NaN,
+  unknown, gives NaN)."""
   return loss_nats / math.log(2) / bytes_per_token
+
+
+def format_bpb(bpb: float) -> str:
+  """A bits-per-byte value for printouts and reports; NaN says why it is missing."""
+  return "n/a (pre-tokenized data: its byte count is unknown)" if math.isnan(bpb) \
+      else f"{bpb:.4f}"
 
 
 class MetricsWriter:

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sparsejax.train.metrics import read_metrics  # noqa: E402
+from sparsejax.train.metrics import format_bpb, read_metrics  # noqa: E402
 
 
 def count_params(params: Any) -> int:
@@ -49,7 +49,8 @@ def plot_loss_curve(metrics_path: str, out_path: str, title: str = "") -> str:
   return plot_lines(
       {f"{split} loss": (*loss_points(metrics_path, split), style)
        for split, style in (("train", "-"), ("val", "o-"))}, out_path,
-      title=title or os.path.basename(os.path.dirname(os.path.abspath(out_path))))
+      title=title or os.path.basename(os.path.dirname(os.path.abspath(out_path))),
+      ylabel="cross-entropy (nats / token)")
 
 
 def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
@@ -71,9 +72,9 @@ def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
       f"batch {data['batch_size']}; {train['num_steps']} steps = "
       f"{train['num_steps'] * data['batch_size'] * data['seq_len']:,} tokens",
       "", "## Result", "",
-      "| step | val loss (nats/byte) | val bits-per-byte | train tokens/s |",
+      "| step | val loss (nats/token) | val bits-per-byte | train tokens/s |",
       "|---:|---:|---:|---:|",
-      f"| {metrics['step']} | {metrics['loss']:.4f} | {metrics['bpb']:.4f} | "
+      f"| {metrics['step']} | {metrics['loss']:.4f} | {format_bpb(metrics['bpb'])} | "
       f"{metrics.get('tokens_per_s', 0):,.0f} |",
       "", "![loss curve](loss_curve.png)", "",
       "## Sample", "", f"Prompt `{sample_prompt!r}`, temperature 0.8, top-p 0.95:", "",

@@ -10,8 +10,9 @@ for bytes, tokenized in batches of documents, joined by the tokenizer's EOS toke
 `EOS_NAMES` in its vocabulary, else nothing) and cached as one `.npy` shard per
 (source, split) under `$SPARSEJAX_CACHE_DIR` (default `~/.cache/sparsejax/tokens`),
 keyed by the tokenizer file's contents and the source files' paths, sizes and
-modification times — so tokenization runs once. Pre-tokenized `.npy` sources are used
-as they are.
+modification times — so tokenization runs once. Beside each shard, `<key>.json` holds
+its token count and the UTF-8 byte count of the text it tokenized (`text_size`), from
+which bits-per-byte is computed. Pre-tokenized `.npy` sources are used as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
+import pathlib
 
 import numpy as np
 
@@ -28,6 +31,7 @@ from sparsejax import validation
 BYTES = "bytes"
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 BATCH_DOCUMENTS = 64
+CACHE_VERSION = 2   # bump when what a cache key's files hold changes
 
 
 class ByteTokenizer:
@@ -106,69 +110,79 @@ def cache_dir() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "sparsejax"))
 
 
-def source_files(path: str) -> list[tuple[str, str]]:
-  """(relpath, abspath) of the files of a text source, selected like the byte pipeline."""
-  from sparsejax.train import data
-  if path == "":
-    return data._stdlib_files()
-  if os.path.isfile(path):
-    return [(os.path.basename(path), path)]
-  return data._walk(path, lambda parts: not parts[-1].startswith("."))
-
-
 def read_documents(path: str) -> list[tuple[str, bytes]]:
   """(relpath, bytes) of the usable (non-empty, NUL-free) files of a text source."""
-  from sparsejax.train import data
-  texts = data._read_texts(source_files(path))
+  from sparsejax.train import data   # data imports this module: imported at use
+  texts = data.read_texts(data.source_files(path))
   if not texts:
-    raise data._error(path, "has no usable text (non-empty files without NUL bytes)")
+    raise data.source_error(path, "has no usable text (non-empty files without NUL "
+                                  "bytes)")
   return texts
 
 
-def is_text_source(path: str) -> bool:
-  """False for pre-tokenized sources (a `.npy` file or a directory holding any)."""
-  if path == "" or not os.path.exists(path):
-    return path == ""
-  if os.path.isfile(path):
-    return not path.endswith(".npy")
-  return not any(r.endswith(".npy") for r, _ in source_files(path))
-
-
-def _documents(path: str, split: str, val_fraction: float) -> tuple[list[bytes], bool]:
-  """(documents of `split`, whether the tokens are still to be tail-split): the byte
-  pipeline's train/val split (by file hash; a single file by its tail)."""
-  from sparsejax.train import data
-  texts = read_documents(path)
-  if len(texts) == 1:
-    return [texts[0][1]], True
-  return [d for r, d in texts if data._is_val(r, val_fraction) == (split == "val")], False
+def text_size(tokenizer, documents: list[bytes]) -> int:
+  """UTF-8 bytes of the text `encode_documents(tokenizer, documents)` tokenizes: the
+  documents as it decodes them (invalid UTF-8 as U+FFFD) plus one byte per EOS
+  separator, the byte pipeline's NUL — so a split of valid UTF-8 text has the same byte
+  count under every tokenizer with an EOS token."""
+  size = sum(len(d.decode("utf-8", errors="replace").encode("utf-8"))
+             for d in documents)
+  return size + (len(documents) - 1 if documents and tokenizer.eos_id is not None else 0)
 
 
 def _cache_key(spec: str, path: str, split: str, val_fraction: float) -> str:
+  from sparsejax.train import data
   h = hashlib.sha256()
   with open(spec, "rb") as f:
     h.update(f.read())
-  h.update(json.dumps([os.path.abspath(path), split, val_fraction]).encode())
-  for rel, full in source_files(path):
+  h.update(json.dumps([CACHE_VERSION, os.path.abspath(path), split, val_fraction]
+                      ).encode())
+  for rel, full in data.source_files(path):
     stat = os.stat(full)
     h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
   return h.hexdigest()[:32]
 
 
-def load_tokenized(path: str, spec: str, split: str, val_fraction: float) -> np.ndarray:
-  """Token ids of `split` of the text source `path` under tokenizer `spec`, read from
-  (or written to) the `.npy` cache; memory-mapped when read."""
+def _save_atomic(file: str, save) -> None:
+  """`save(tmp)` then renames tmp to `file`, so a reader never sees half a file."""
+  base, ext = os.path.splitext(file)
+  tmp = f"{base}.{os.getpid()}.tmp{ext}"
+  save(tmp)
+  os.replace(tmp, file)
+
+
+def _tokenize_cached(path: str, spec: str, split: str, val_fraction: float
+                     ) -> tuple[np.ndarray, dict[str, int]]:
+  """(token ids, {"num_tokens", "num_bytes"}) of `split` of the text source `path`:
+  read from the cache (ids memory-mapped) or tokenized and written to it, the counts
+  first so that a cached `.npy` always has its `.json` beside it."""
   from sparsejax.train import data
   key = _cache_key(spec, path, split, val_fraction)
   file = os.path.join(cache_dir(), "tokens", f"{key}.npy")
-  if os.path.exists(file):
-    return np.load(file, mmap_mode="r")
-  documents, tail = _documents(path, split, val_fraction)
-  tokens = encode_documents(load_tokenizer(spec), documents)
-  if tail:
-    tokens = data._tail_split(tokens, split, val_fraction)
+  counts_file = os.path.splitext(file)[0] + ".json"
+  if os.path.exists(file) and os.path.exists(counts_file):
+    with open(counts_file) as f:
+      return np.load(file, mmap_mode="r"), json.load(f)
+  documents = data.text_documents(path, split, val_fraction)
+  tokenizer = load_tokenizer(spec)
+  tokens = encode_documents(tokenizer, documents)
+  counts = {"num_tokens": len(tokens), "num_bytes": text_size(tokenizer, documents)}
   os.makedirs(os.path.dirname(file), exist_ok=True)
-  tmp = f"{file}.{os.getpid()}.tmp.npy"
-  np.save(tmp, tokens)
-  os.replace(tmp, file)
-  return tokens
+  _save_atomic(counts_file, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(counts)))
+  _save_atomic(file, lambda tmp: np.save(tmp, tokens))
+  return tokens, counts
+
+
+def load_tokenized(path: str, spec: str, split: str, val_fraction: float) -> np.ndarray:
+  """Token ids of `split` of the text source `path` under tokenizer `spec`, read from
+  (or written to) the `.npy` cache; memory-mapped when read. The split's documents are
+  those of the byte pipeline (`sparsejax.train.data.text_documents`)."""
+  return _tokenize_cached(path, spec, split, val_fraction)[0]
+
+
+def bytes_per_token(path: str, spec: str, split: str, val_fraction: float) -> float:
+  """UTF-8 bytes per token of `split` of the text source `path` under tokenizer
+  `spec` (`text_size` / number of tokens, recorded when it was tokenized; NaN for an
+  empty split)."""
+  counts = _tokenize_cached(path, spec, split, val_fraction)[1]
+  return counts["num_bytes"] / counts["num_tokens"] if counts["num_tokens"] else math.nan

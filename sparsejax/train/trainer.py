@@ -41,7 +41,8 @@ from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import (CheckpointError, Checkpointer,
                                        abstract_with_shardings)
 from sparsejax.train.config import Config, config_to_dict, parse_config
-from sparsejax.train.metrics import MetricsWriter, bits_per_byte, progress_bar
+from sparsejax.train.metrics import (MetricsWriter, bits_per_byte, format_bpb,
+                                     progress_bar)
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import (TrainState, split_variables, sown_metrics,
                                    sum_aux_losses)
@@ -136,14 +137,20 @@ class Trainer:
 
   def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
     """Mean val loss (nats/token), bits-per-byte and sown metrics (e.g. per-projection
-    activation sparsity) over the first `num_batches` val batches."""
+    activation sparsity) over the first `num_batches` val batches.
+
+    bpb = Σ nats / (Σ bytes · ln 2) over the evaluated tokens, each counted at the val
+    split's mean UTF-8 bytes per token (`data.bytes_per_token`: 1 for bytes, the
+    tokenized text's bytes / tokens for a tokenizer.json); NaN for pre-tokenized .npy
+    data, whose byte count is unknown."""
     it = iter(data_lib.make_dataset(self.config.data, "val",
                                     vocab_size=self.config.model.vocab_size))
     with self.activate():
       batches = [jax.device_get(self._eval_step(state, self.global_batch(next(it))))
                  for _ in range(num_batches)]
     result = {k: float(np.mean([b[k] for b in batches])) for k in batches[0]}
-    result["bpb"] = bits_per_byte(result["loss"])
+    result["bpb"] = bits_per_byte(
+        result["loss"], data_lib.bytes_per_token(self.config.data, "val"))
     return result
 
   def state_from_params(self, params: Any, model_state: Any | None = None) -> TrainState:
@@ -396,7 +403,8 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
           val = trainer.evaluate(state, cfg.eval_batches)
           writer.write(step, "val", val)
           final_val = val if step == cfg.num_steps else None
-          bar.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+          bar.write(f"step {step}: val loss {val['loss']:.4f}, bpb "
+                    f"{format_bpb(val['bpb'])}")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
             step == cfg.num_steps:
           save(step)

@@ -46,7 +46,7 @@ def _ds(path, split, pi=0, pc=1, **kw):
 
 
 def test_default_corpus_files_and_split():
-  files = [r for r, _ in data._stdlib_files()]
+  files = [r for r, _ in data.source_files("")]
   assert files == sorted(files) and len(files) > 100
   assert "os.py" in files and "json/__init__.py" in files
   for r in files:

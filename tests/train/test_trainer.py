@@ -2,6 +2,7 @@
 
 import dataclasses
 import glob
+import math
 import os
 import shutil
 import signal
@@ -17,10 +18,11 @@ import pytest
 from conftest import tiny_config_dict
 from sparsejax.layers import registry
 from sparsejax.layers.ffn import GatedFFN
-from sparsejax.train.config import parse_config
-from sparsejax.train.metrics import read_metrics
+from sparsejax.train.config import config_to_dict, parse_config
+from sparsejax.train.metrics import MetricsWriter, read_metrics
 from sparsejax.train.checkpoint import CheckpointError
-from sparsejax.train.trainer import restore_run, train, trainer_for
+from sparsejax.train.report import write_report
+from sparsejax.train.trainer import Trainer, restore_run, train, trainer_for
 from sparsejax.validation import ConfigError
 
 
@@ -81,6 +83,29 @@ def test_training_lowers_loss_and_writes_metrics(tmp_path):
   train_records = [r for r in records if r["split"] == "train"]
   assert {"loss", "ce", "grad_norm", "lr", "tokens_per_s"} <= set(train_records[0])
   assert result.metrics["bpb"] == pytest.approx(result.metrics["loss"] / np.log(2))
+
+
+def test_pretokenized_data_reports_bits_per_byte_as_unknown(tmp_path, rng_seed):
+  """.npy shards carry no byte count: bpb is NaN (not loss / ln 2) and the report
+  says why; the same ids as a byte text file give loss / ln 2."""
+  ids = np.random.default_rng(rng_seed).integers(1, 256, 8000).astype(np.uint16)
+  np.save(tmp_path / "ids.npy", ids)
+  (tmp_path / "ids.txt").write_bytes(ids.astype(np.uint8).tobytes())
+  results = {}
+  for name in ("ids.npy", "ids.txt"):
+    config = parse_config(tiny_config_dict(data=dict(path=str(tmp_path / name))))
+    trainer = Trainer(config)
+    results[name] = trainer.evaluate(trainer.init_state(), num_batches=1)
+  npy, text = results["ids.npy"], results["ids.txt"]
+  assert npy["loss"] == pytest.approx(text["loss"], rel=1e-6)   # the same tokens
+  assert math.isnan(npy["bpb"])
+  assert text["bpb"] == pytest.approx(text["loss"] / np.log(2))
+  MetricsWriter(str(tmp_path / "metrics.jsonl")).write(0, "val", npy)
+  report = write_report(str(tmp_path), config=config_to_dict(config),
+                        metrics={**npy, "step": 0}, num_params=1, sample_prompt="x",
+                        sample="")
+  assert "| 0 | " in open(report).read() and \
+      "n/a (pre-tokenized data: its byte count is unknown)" in open(report).read()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
