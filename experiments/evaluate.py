@@ -27,7 +27,7 @@ import tqdm
 from absl import app, flags
 
 from sparsejax import sharding
-from sparsejax.interop import HFCheckpointError, HFConfigError, load_hf, model_variables
+from sparsejax.interop import HFCheckpointError, HFConfigError, load_hf
 from sparsejax.models import DecoderLM
 from sparsejax.train import tokenizer as tokenizer_lib
 
@@ -104,7 +104,7 @@ def main(argv):
   print(f"{config.num_layers} layers, d_model {config.d_model}, vocab "
         f"{config.vocab_size}; {len(tokens) - 1:,} tokens to score")
   # The params' shardings drive the partitioning (any batch size works).
-  result = evaluate(DecoderLM(config), model_variables(config, params), tokens,
+  result = evaluate(DecoderLM(config), {"params": params}, tokens,
                     seq_len=_SEQ_LEN.value, batch_size=_BATCH.value)
   nll_per_token = result["nll"] / result["tokens"]
   print(f"nll/token {nll_per_token:.4f}  perplexity {math.exp(nll_per_token):.3f}  "

@@ -1,7 +1,7 @@
 """Load and save Hugging Face safetensors checkpoints (Llama, Mistral, Qwen2, Mixtral).
 
     config, params = load_hf("path/to/Qwen2.5-0.5B", dtype=jnp.bfloat16, mesh=mesh)
-    logits = DecoderLM(config).apply(model_variables(config, params), tokens)
+    logits = DecoderLM(config).apply({"params": params}, tokens)
     save_hf("out/", config, params, like="path/to/Qwen2.5-0.5B")   # loads in transformers
 
 `load_hf` reads a local directory: `config.json` (converted by
@@ -60,10 +60,9 @@ from safetensors.numpy import save_file
 from sparsejax import sharding
 from sparsejax.interop import hf_config
 from sparsejax.interop.hf_config import HFConfigError
-from sparsejax.validation import ConfigError
 from sparsejax.models import DecoderLM
 from sparsejax.models.config import ModelConfig
-from sparsejax.train.state import split_variables
+from sparsejax.validation import ConfigError
 
 INDEX = "model.safetensors.index.json"
 LAYOUTS = ("per_expert", "fused")      # Mixtral expert tensor layouts
@@ -72,7 +71,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "tokenizer.model", "generation_config.json")
 _BUFFERS = (".rotary_emb.inv_freq",)   # non-parameter buffers some old checkpoints hold
 
-__all__ = ["load_hf", "save_hf", "model_variables", "HFCheckpointError",
+__all__ = ["load_hf", "save_hf", "HFCheckpointError",
            "HFConfigError"]
 
 
@@ -176,15 +175,6 @@ def _abstract_variables(cfg: ModelConfig) -> dict:
   tokens = jnp.zeros((1, 1), jnp.int32)
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
     return jax.eval_shape(DecoderLM(cfg).init, jax.random.key(0), tokens)
-
-
-def model_variables(cfg: ModelConfig, params: Any) -> dict:
-  """`{"params": params, **model_state}` for `DecoderLM(cfg).apply`: the non-parameter
-  state a checkpoint does not hold (e.g. the MoE router's "moe_state" bias, unused by
-  Mixtral's softmax routing) at its initial zeros."""
-  _, abstract_state = split_variables(sharding.unbox(_abstract_variables(cfg)))
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state)
-  return {"params": params, **state}
 
 
 def _tensor_files(path: str) -> dict[str, str]:

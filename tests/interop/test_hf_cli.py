@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import experiment_module, run_main, tiny_config_dict
-from sparsejax.interop import load_hf, model_variables
+from sparsejax.interop import load_hf
 from sparsejax.models import DecoderLM
 from sparsejax.train import tokenizer as tokenizer_lib
 from sparsejax.train.config import parse_config
@@ -38,7 +38,7 @@ def test_evaluate_scores_every_window(capsys):
   total = 0.0
   for start in range(0, len(tokens) - 1, 48):
     window = tokens[start:start + 49].astype(np.int32)[None]
-    logits = DecoderLM(cfg).apply(model_variables(cfg, params), window[:, :-1])
+    logits = DecoderLM(cfg).apply({"params": params}, window[:, :-1])
     total += float(optax.softmax_cross_entropy_with_integer_labels(
         logits, window[:, 1:]).sum())
   assert nll == pytest.approx(total / (len(tokens) - 1), abs=1e-4)
