@@ -15,7 +15,8 @@ public op, impl="pallas" (compiled: Mosaic on TPU, Triton on GPU) against impl="
              8192 lookup rows × K = 32 (f32 ungrouped; bf16 with 4 groups);
   attention  `block_sparse_attention(q, k, v, mask)`, B 1, T = S = 8192, Hq 8, Hkv 2
              (GQA), D 128, masks CausalMask (f32, bf16), LocalMask(1023) and
-             CausalMask & (LocalMask(255) | GlobalMask(128)) (bf16);
+             CausalMask & (LocalMask(255) | GlobalMask(128)) (bf16), the op's default
+             blocks (`default_blocks`: TPU 512 × 512, GPU 128 × 64);
   nsa        `selected_attention(q, k, v, block_idx, valid, 64)` (NSA selection branch)
              with block_idx/valid from `select_blocks` (n = 16 of 64-token blocks, one
              initial and two local blocks forced) on random scores, T = S = 4096, Hq 8,
@@ -189,9 +190,9 @@ class Case(NamedTuple):
 
 SIZES = {   # per kernel, for full / --quick / --interpret runs
     "full": dict(topk=(8192, 4096), memory=(262144, 256, 8192, 32),
-                 attention=(1, 8192, 8, 2, 128, 128), nsa=(1, 4096, 8, 2, 128, 64, 16)),
+                 attention=(1, 8192, 8, 2, 128, None), nsa=(1, 4096, 8, 2, 128, 64, 16)),
     "quick": dict(topk=(2048, 4096), memory=(65536, 256, 2048, 32),
-                  attention=(1, 2048, 8, 2, 128, 128),
+                  attention=(1, 2048, 8, 2, 128, None),
                   nsa=(1, 1024, 8, 2, 128, 64, 16)),
     "tiny": dict(topk=(8, 256), memory=(64, 128, 8, 4),
                  attention=(1, 128, 2, 1, 16, 32), nsa=(1, 64, 2, 1, 16, 16, 2)),
@@ -251,7 +252,7 @@ def attention_cases(key, size) -> list[Case]:
   """q [B, T, Hq, D], k/v [B, T, Hkv, D]. FLOPs_fwd = 2·B·Σ_heads nnz·(D + Dv),
   backward 2.5×; bytes: q, out, k, v once (+ f32 LSE) forward; backward reads q, do,
   out, k, v, LSE and writes dq, dk, dv."""
-  b, t, hq, hkv, d, block = size
+  b, t, hq, hkv, d, block = size              # block None: the op's default blocks
   local = min(1023, t // 2 - 1)
   masks = [("causal", masks_lib.CausalMask(), "float32"),
            ("causal", masks_lib.CausalMask(), "bfloat16"),
@@ -263,7 +264,7 @@ def attention_cases(key, size) -> list[Case]:
   for name, mask, dtype in masks:
     key, kq, kk, kv = jax.random.split(key, 4)
     dt, e = DTYPES[dtype], jnp.dtype(dtype).itemsize
-    nnz = masks_lib.mask_info(mask, t, t, block, block).nnz
+    nnz = masks_lib.mask_info(mask, t, t, block or 128, block or 128).nnz
     pairs = b * (hq * int(nnz[0]) if len(nnz) == 1 else int(nnz.sum()))
     flops = 2.0 * pairs * (d + d)
     op = lambda q, k, v, impl, mask=mask: block_sparse_attention(
@@ -272,7 +273,7 @@ def attention_cases(key, size) -> list[Case]:
         "attention", f"{name} T={t}", dtype, op,
         (_normal(kq, (b, t, hq, d), dt), _normal(kk, (b, t, hkv, d), dt),
          _normal(kv, (b, t, hkv, d), dt)), (0, 1, 2), ("dq", "dk", "dv"),
-        dict(B=b, T=t, Hq=hq, Hkv=hkv, D=d, block=block, mask=repr(mask),
+        dict(B=b, T=t, Hq=hq, Hkv=hkv, D=d, block=block or "default", mask=repr(mask),
              density=pairs / (b * hq * t * t)),
         b * (hq + hkv) * t * 2 * d * e + 4 * b * hq * t,
         b * hq * t * 4 * d * e + b * hkv * t * 4 * d * e + 8 * b * hq * t,

@@ -14,6 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("tpu", "gpu")
+NUM_LANES = 128              # TPU vreg lanes: per-row f32 statistics are stored this wide
 # Scalar-prefetch budget per pallas_call: TPU SMEM is ~1 MiB per core (v4/v5e/v5p/v6e)
 # and Mosaic keeps its own scalars there too, so kernels split their tables (grid
 # chunks, one call per chunk inside `map_chunks`) to stay below a quarter of it.
@@ -44,27 +45,31 @@ def triton_params(num_warps: int, num_stages: int = 1) -> pltriton.CompilerParam
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def precision(a: jax.Array, b: jax.Array):
-  """HIGHEST for float32 operands (full-precision f32 matmul), None (the MXU's native
-  pass) when either is narrower: Mosaic rejects HIGHEST on bfloat16 ("Bad lhs type")."""
-  return HIGHEST if min(a.dtype.itemsize, b.dtype.itemsize) >= 4 else None
+def precision(a: jax.Array, b: jax.Array, f32=HIGHEST):
+  """`f32` (default HIGHEST: full-precision f32 matmul) for float32 operands, None (the
+  MXU's / tensor cores' native pass) when either is narrower: Mosaic rejects HIGHEST on
+  bfloat16 ("Bad lhs type"). f32=lax.Precision.DEFAULT asks for the fast f32 pass (TF32
+  on Triton, one bf16 pass on the MXU)."""
+  return f32 if min(a.dtype.itemsize, b.dtype.itemsize) >= 4 else None
 
 
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b with float32 accumulation (HIGHEST precision for f32 operands)."""
-  return jnp.dot(a, b, precision=precision(a, b), preferred_element_type=jnp.float32)
+def dot(a: jax.Array, b: jax.Array, f32_precision=HIGHEST) -> jax.Array:
+  """a @ b with float32 accumulation (`f32_precision` for f32 operands)."""
+  return jnp.dot(a, b, precision=precision(a, b, f32_precision),
+                 preferred_element_type=jnp.float32)
 
 
-def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ bᵀ with float32 accumulation (HIGHEST for f32 operands), no explicit transpose."""
-  return lax.dot_general(a, b, _NT, precision=precision(a, b),
+def dot_nt(a: jax.Array, b: jax.Array, f32_precision=HIGHEST) -> jax.Array:
+  """a @ bᵀ with float32 accumulation (`f32_precision` for f32 operands), no explicit
+  transpose."""
+  return lax.dot_general(a, b, _NT, precision=precision(a, b, f32_precision),
                          preferred_element_type=jnp.float32)
 
 
-def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-  """aᵀ @ b with float32 accumulation (HIGHEST for f32 operands), no explicit
+def dot_tn(a: jax.Array, b: jax.Array, f32_precision=HIGHEST) -> jax.Array:
+  """aᵀ @ b with float32 accumulation (`f32_precision` for f32 operands), no explicit
   transpose (as Pallas TPU flash attention's `trans_a` backward matmuls)."""
-  return lax.dot_general(a, b, _TN, precision=precision(a, b),
+  return lax.dot_general(a, b, _TN, precision=precision(a, b, f32_precision),
                          preferred_element_type=jnp.float32)
 
 

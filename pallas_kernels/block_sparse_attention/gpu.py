@@ -22,6 +22,22 @@ and are stored once.
 Roofline: see the package docstring. Per visited block the forward reads
 bkv·(D + Dv)·b bytes of K/V (+ bq·bkv·4 for a partial tile) for 2·bq·bkv·(D + Dv)
 FLOPs, i.e. arithmetic intensity ≈ bq FLOP/byte in bf16 (≥ 64 needed on H100).
+
+Tuning (per call, through `block_sparse_attention_kernel`): blocks default to 128 × 64
+(`sizing.default_blocks`); `num_warps` to 4 for tiles of ≤ 64·64 elements, else 8;
+`num_stages` to 2 (Triton's software pipeliner may then issue the loads of the next
+iteration of each kernel's block loop — block id, K/V tiles; dk/dv: q, do, LSE, di —
+while the current block computes; loads under the partial-tile `lax.cond` stay
+unpipelined; 1 turns pipelining off, as before); `precision` applies to f32 operands
+only — HIGHEST (IEEE f32, exact against the f32 reference, the default) or
+lax.Precision.DEFAULT (TF32 tensor cores, ~1e-3 relative error); bf16 operands always
+run natively with f32 accumulation (p and ds are cast to the value dtype for their
+matmuls). None of these has been timed yet (no GPU run recorded).
+Sweep to time on device (`make device-check`'s attention shapes: bf16, causal, T = 8k,
+Hq 8, Hkv 2, D = 128), forward and backward separately: num_stages ∈ {1, 2, 3, 4} ×
+num_warps ∈ {4, 8} at blocks 128 × 64, then 64 × 64 and 128 × 128 at the best pair;
+shared memory per stage is about (bkv·(D + Dv) + bq·bkv·4/b [partial tile, int32]) · b
+bytes (+ bq·(D + Dv)·b in dk/dv), which bounds num_stages (H100: 228 KiB per SM).
 """
 
 from __future__ import annotations
@@ -32,9 +48,11 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import EMPTY_LSE, MASK_VALUE, dot
+from pallas_kernels._common import EMPTY_LSE, HIGHEST, MASK_VALUE, dot
 from pallas_kernels._common import out_struct, triton_params
 from pallas_kernels.block_sparse_attention.tpu import FULL
+
+NUM_STAGES = 2                  # default Triton pipeline depth of the block loops
 
 
 def _mhead(h, per_head):
@@ -42,7 +60,7 @@ def _mhead(h, per_head):
 
 
 def _fwd_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_ref, o_ref,
-                lse_ref, *, scale, g, nq, m_slots, per_head, bq, bkv):
+                lse_ref, *, scale, g, nq, m_slots, per_head, bq, bkv, prec):
   b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   c = lax.div(h, g)
   row = _mhead(h, per_head) * nq + i
@@ -55,7 +73,7 @@ def _fwd_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_re
     j = blk_ref[slot]
     k = k_ref[b, c, pl.ds(j * bkv, bkv), :]
     v = v_ref[b, c, pl.ds(j * bkv, bkv), :]
-    s = dot(q, k.T) * scale
+    s = dot(q, k.T, prec) * scale
 
     def full(s):
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
@@ -69,7 +87,7 @@ def _fwd_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, pm_re
 
     m_new, p = lax.cond(kind_ref[slot] == FULL, full, partial, s)
     alpha = jnp.exp(m_prev - m_new)
-    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, prec)
     return acc, m_new, alpha * l_prev + jnp.sum(p, axis=-1)
 
   init = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -85,8 +103,14 @@ def _num_warps(bq, bkv):
   return 4 if bq * bkv <= 64 * 64 else 8
 
 
+def _params(bq, bkv, num_warps, num_stages):
+  return triton_params(num_warps or _num_warps(bq, bkv),
+                       NUM_STAGES if num_stages is None else num_stages)
+
+
 def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, scale,
-                block_q, block_kv, interpret=False, num_warps=None):
+                block_q, block_kv, interpret=False, num_warps=None, num_stages=None,
+                precision=HIGHEST):
   """Forward: -> (out [B, Hq, T, Dv] q.dtype, lse f32 [B, Hq, T]). No autodiff."""
   b, hq, t, d = q.shape
   hkv, dv = k.shape[1], v.shape[3]
@@ -97,11 +121,11 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
           slot_tile.reshape(-1), q, k, v, tiles)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, g=hq // hkv, nq=nq, m_slots=m_slots,
-                        per_head=hm > 1, bq=block_q, bkv=block_kv),
+                        per_head=hm > 1, bq=block_q, bkv=block_kv, prec=precision),
       grid=(b, hq, nq),
       out_shape=[out_struct((b, hq, t, dv), q.dtype, *args),
                  out_struct((b, hq, t), jnp.float32, *args)],
-      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=_params(block_q, block_kv, num_warps, num_stages),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (d + dv),
           transcendentals=visited * block_q * block_kv,
@@ -112,15 +136,16 @@ def bsa_fwd_gpu(q, k, v, kv_blocks, kv_counts, slot_kind, slot_tile, tiles, *, s
   )(*args)
 
 
-def _probs(q, k, lse, tile, kind, pm_ref, scale):
-  s = dot(q, k.T) * scale
+def _probs(q, k, lse, tile, kind, pm_ref, scale, prec):
+  s = dot(q, k.T, prec) * scale
   p = jnp.exp(s - lse[:, None])
   return lax.cond(kind == FULL, lambda p: p,
                   lambda p: jnp.where(pm_ref[tile, :, :] != 0, p, 0.0), p)
 
 
 def _dq_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               di_ref, pm_ref, dq_ref, *, scale, g, nq, m_slots, per_head, bq, bkv):
+               di_ref, pm_ref, dq_ref, *, scale, g, nq, m_slots, per_head, bq, bkv,
+               prec):
   b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   c = lax.div(h, g)
   row = _mhead(h, per_head) * nq + i
@@ -133,16 +158,17 @@ def _dq_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref
     j = blk_ref[slot]
     k = k_ref[b, c, pl.ds(j * bkv, bkv), :]
     v = v_ref[b, c, pl.ds(j * bkv, bkv), :]
-    p = _probs(q, k, lse, tile_ref[slot], kind_ref[slot], pm_ref, scale)
-    ds = p * (dot(do, v.T) - di[:, None])
-    return dq + dot(ds.astype(k.dtype), k)
+    p = _probs(q, k, lse, tile_ref[slot], kind_ref[slot], pm_ref, scale, prec)
+    ds = p * (dot(do, v.T, prec) - di[:, None])
+    return dq + dot(ds.astype(k.dtype), k, prec)
 
   dq = lax.fori_loop(0, cnt_ref[row], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[b, h, rows, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_tile,
-               tiles, *, scale, block_q, block_kv, interpret=False, num_warps=None):
+               tiles, *, scale, block_q, block_kv, interpret=False, num_warps=None,
+               num_stages=None, precision=HIGHEST):
   """dq [B, Hq, T, D] (q.dtype) from d_out, lse f32 [B, Hq, T], di f32 [B, Hq, T]."""
   b, hq, t, d = q.shape
   hkv, dv = k.shape[1], v.shape[3]
@@ -153,10 +179,10 @@ def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
           slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
   return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, g=hq // hkv, nq=nq, m_slots=m_slots,
-                        per_head=hm > 1, bq=block_q, bkv=block_kv),
+                        per_head=hm > 1, bq=block_q, bkv=block_kv, prec=precision),
       grid=(b, hq, nq),
       out_shape=out_struct((b, hq, t, d), q.dtype, *args),
-      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=_params(block_q, block_kv, num_warps, num_stages),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + dv),
           transcendentals=visited * block_q * block_kv,
@@ -169,7 +195,7 @@ def bsa_dq_gpu(q, k, v, d_out, lse, di, kv_blocks, kv_counts, slot_kind, slot_ti
 
 def _dkv_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
                 lse_ref, di_ref, pm_ref, dk_ref, dv_ref, *, scale, g, nkv, m_slots,
-                per_head, bq, bkv):
+                per_head, bq, bkv, prec):
   b, c, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(j * bkv, bkv)
   k, v = k_ref[b, c, cols, :], v_ref[b, c, cols, :]
@@ -183,10 +209,11 @@ def _dkv_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_re
       slot = row * m_slots + tt
       rows = pl.ds(blk_ref[slot] * bq, bq)
       q, do = q_ref[b, h, rows, :], do_ref[b, h, rows, :]
-      p = _probs(q, k, lse_ref[b, h, rows], tile_ref[slot], kind_ref[slot], pm_ref, scale)
-      dv = dv + dot(p.astype(do.dtype).T, do)
-      ds = p * (dot(do, v.T) - di_ref[b, h, rows][:, None])
-      return dk + dot(ds.astype(q.dtype).T, q), dv
+      p = _probs(q, k, lse_ref[b, h, rows], tile_ref[slot], kind_ref[slot], pm_ref, scale,
+                 prec)
+      dv = dv + dot(p.astype(do.dtype).T, do, prec)
+      ds = p * (dot(do, v.T, prec) - di_ref[b, h, rows][:, None])
+      return dk + dot(ds.astype(q.dtype).T, q, prec), dv
 
     return lax.fori_loop(0, cnt_ref[row], body, carry)
 
@@ -197,7 +224,8 @@ def _dkv_kernel(blk_ref, cnt_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_re
 
 
 def bsa_dkv_gpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_tile, tiles,
-                *, scale, block_q, block_kv, interpret=False, num_warps=None):
+                *, scale, block_q, block_kv, interpret=False, num_warps=None,
+                num_stages=None, precision=HIGHEST):
   """(dk [B, Hkv, S, D] k.dtype, dv [B, Hkv, S, Dv] v.dtype), GQA group summed."""
   b, hq, t, d = q.shape
   hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -208,11 +236,11 @@ def bsa_dkv_gpu(q, k, v, d_out, lse, di, q_blocks, q_counts, slot_kind, slot_til
           slot_tile.reshape(-1), q, k, v, d_out, lse, di, tiles)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, g=hq // hkv, nkv=nkv, m_slots=m_slots,
-                        per_head=hm > 1, bq=block_q, bkv=block_kv),
+                        per_head=hm > 1, bq=block_q, bkv=block_kv, prec=precision),
       grid=(b, hkv, nkv),
       out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
                  out_struct((b, hkv, s, dv), v.dtype, *args)],
-      compiler_params=triton_params(num_warps or _num_warps(block_q, block_kv)),
+      compiler_params=_params(block_q, block_kv, num_warps, num_stages),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * block_q * block_kv * (2 * d + 2 * dv),
           transcendentals=visited * block_q * block_kv,

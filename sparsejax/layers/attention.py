@@ -4,14 +4,16 @@ attention entries.
 
     config.model.attention = "block_sparse"
     config.model.attention_options = dict(pattern="local_global", window=64,
-                                          num_global=4, block_q=64, block_kv=64)
+                                          num_global=4, block_q=0, block_kv=0)
 
 Patterns (all causal; `sparsejax.ops.masks`): "causal"; "local" (the last `window`
 keys incl. itself); "local_global" (local plus the first `num_global` sink tokens);
 "strided" (Sparse Transformer: the last `window` keys plus every `stride`-th earlier
 key); "chunked" (causal within chunks of `window`). Training and prefill run the
-block-sparse op (empty blocks skipped; blocks shrink to gcd(T, block) when they do not
-tile T; its kernels run inside `jax.shard_map` under a multi-device mesh); cached
+block-sparse op (empty blocks skipped; block_q = block_kv = 0, the default, lets the op
+pick them for the platform — TPU 512, GPU 128 × 64, divisors of T — and a configured
+block shrinks to gcd(T, block) when it does not tile T; its kernels run inside
+`jax.shard_map` under a multi-device mesh); cached
 decoding applies the same mask's predicate to the absolute positions, so generation
 sees exactly the trained pattern.
 """
@@ -46,14 +48,17 @@ class BlockSparseOptions:
   window: int = 64          # local band (local, local_global, strided) or chunk size
   num_global: int = 4       # sink tokens (local_global)
   stride: int = 16          # strided
-  block_q: int = 64         # kernel / block-gather tile sizes (clamped to the length)
-  block_kv: int = 64
+  block_q: int = 0          # kernel / block-gather tile sizes (clamped to the length);
+  block_kv: int = 0         # 0: by platform (`default_blocks`: TPU 512, GPU 128 × 64)
   impl: str = "auto"        # block_sparse_attention impl (ops.dispatch.IMPLS)
 
   def validate(self, prefix: str = "config.model.attention_options") -> None:
     check_choice(f"{prefix}.pattern", self.pattern, PATTERNS)
-    for name in ("window", "num_global", "stride", "block_q", "block_kv"):
+    for name in ("window", "num_global", "stride"):
       check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), ">= 1")
+    for name in ("block_q", "block_kv"):
+      check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name),
+            ">= 0 (0: by platform)")
     check_choice(f"{prefix}.impl", self.impl, IMPLS)
 
   def mask(self) -> masks_lib.Mask:
@@ -155,10 +160,12 @@ class Attention(nn.Module):
                                   block_kv=fit_block(opt.block_kv, t), impl=opt.impl)
 
 
-def fit_block(block: int, t: int) -> int:
-  """The configured block when it tiles T (clamped to T), else gcd(T, block), so any
-  sequence length runs (a kernel that cannot take the smaller block falls back to XLA
-  under impl="auto")."""
+def fit_block(block: int, t: int) -> int | None:
+  """None for block 0 (the op picks by platform); else the configured block when it
+  tiles T (clamped to T), else gcd(T, block), so any sequence length runs (a kernel
+  that cannot take the smaller block falls back to XLA under impl="auto")."""
+  if block == 0:
+    return None
   if t == 0 or t % min(block, t) == 0:
     return min(block, t) if t else block
   return math.gcd(t, block)

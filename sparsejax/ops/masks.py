@@ -296,6 +296,14 @@ class MaskInfo(NamedTuple):
   block_q: int
   block_kv: int
 
+  def kernel_tables(self):
+    """The tables the block-sparse kernels take, as one
+    `pallas_kernels.block_sparse_attention.BlockTables` (NumPy arrays; a pytree)."""
+    from pallas_kernels.block_sparse_attention.tables import BlockTables  # lazy
+    return BlockTables(self.kv_blocks, self.kv_counts, self.block_kind,
+                       self.partial_masks, self.partial_index, self.q_blocks,
+                       self.q_counts)
+
 
 def block_csr(nonempty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """nonempty bool [H, R, C] -> (indices int32 [H, R, max(1, max count)], counts [H, R])."""

@@ -9,7 +9,10 @@ q.dtype, computed in float32. The softmax runs only over allowed keys; a query r
 no allowed key gives exactly 0 (and zero gradients), never NaN or a uniform average.
 `mask` is one mask for all heads or a `MultiHeadMask` with Hq masks.
 
-The sequence is tiled into [block_q, block_kv] blocks; `mask_info` (trace-time NumPy)
+The sequence is tiled into [block_q, block_kv] blocks (by default
+`pallas_kernels.block_sparse_attention.default_blocks` for what runs: the TPU kernels
+512 × 512, the GPU kernels 128 × 64, the XLA path 128; divisors of T and S);
+`mask_info` (trace-time NumPy)
 classifies each block as empty / partial / full. Empty blocks are skipped (not loaded,
 not computed), full blocks are not masked, partial blocks are masked from the mask's
 predicate on iota positions or, for masks defined by stored data, from the
@@ -90,8 +93,10 @@ def _check(q, k, v, mask, scale, block_q, block_kv):
     raise ValueError(f"scale={scale!r} must be a finite float > 0")
   for arg, name, size, blk in (("block_q", "T", t, block_q),
                                ("block_kv", "S", s, block_kv)):
+    if blk is None:
+      continue
     if not isinstance(blk, int) or isinstance(blk, bool) or blk < 1:
-      raise ValueError(f"{arg}={blk!r} must be an int >= 1")
+      raise ValueError(f"{arg}={blk!r} must be an int >= 1 or None (by platform)")
     if size and size % min(blk, size):
       raise ValueError(f"sequence length {name}={size} must be a multiple of {arg}={blk} "
                        "(pad the sequence or pick a divisor)")
@@ -132,13 +137,14 @@ def kernel_unmet(q, k, v, block_q: int, block_kv: int,
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            mask: masks_lib.Mask, *, scale: float | None = None,
-                           block_q: int = 128, block_kv: int = 128,
+                           block_q: int | None = None, block_kv: int | None = None,
                            impl: str = "auto") -> jax.Array:
   """Masked softmax attention that skips empty blocks; returns [B, T, Hq, Dv].
 
   q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] floating; Hq % Hkv == 0. scale
   defaults to 1/√D. T and S must be multiples of block_q and block_kv (a block larger
-  than its sequence is clamped to it). See the module docstring for the math, the
+  than its sequence is clamped to it); None picks `default_blocks` for what runs (the
+  kernel platform's, or the XLA path's). See the module docstring for the math, the
   impls and sharding.
   """
   if scale is None:
@@ -149,38 +155,49 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if t == 0 or s_len == 0:                # no query, or no key: every row gives 0
     check_impl(impl)
     return jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
-  block_q, block_kv = min(block_q, t), min(block_kv, s_len)
-  unmet = None if impl == "xla" else kernel_unmet(q, k, v, block_q, block_kv)
-  impl = resolve_impl(impl, op="block_sparse_attention", unmet=unmet)
+  given = (block_q, block_kv)
+  if impl != "xla":
+    block_q, block_kv = _blocks(kernel_platform(), given, q, v, s_len)
+    unmet = kernel_unmet(q, k, v, block_q, block_kv)
+    impl = resolve_impl(impl, op="block_sparse_attention", unmet=unmet)
   if impl == "xla":
+    block_q, block_kv = _blocks("xla", given, q, v, s_len)
     return _xla_attention(q, k, v, mask=mask, scale=float(scale), block_q=block_q,
                           block_kv=block_kv)
   return _kernel_attention(q, k, v, mask, scale=float(scale), block_q=block_q,
                            block_kv=block_kv, interpret=impl == "interpret")
 
 
+def _blocks(backend, given, q, v, s_len):
+  """The given (block_q, block_kv), clamped to T / S, with None entries picked by
+  `default_blocks` for `backend` ("tpu" | "gpu" kernels, or "xla")."""
+  from pallas_kernels.block_sparse_attention import default_blocks  # lazy
+  t = q.shape[1]
+  auto = default_blocks(backend, t, s_len, q.shape[3], q.dtype, v.shape[3])
+  return tuple(a if g is None else min(g, n)
+               for g, a, n in zip(given, auto, (t, s_len)))
+
+
 def _kernel_attention(q, k, v, mask, *, scale, block_q, block_kv, interpret):
   """The Pallas kernels (TPU: scalar-prefetched mask info; GPU: CSR inputs), inside
   `shard_kernel` (per-head mask tables follow the heads' shard)."""
   from pallas_kernels.block_sparse_attention import block_sparse_attention_kernel  # lazy
-  info = masks_lib.mask_info(mask, q.shape[1], k.shape[1], block_q, block_kv)
-  head_tables = (info.kv_blocks, info.kv_counts, info.block_kind, info.partial_index,
-                 info.q_blocks, info.q_counts)
-  per_head = info.block_kind.shape[0] > 1
+  tables = masks_lib.mask_info(mask, q.shape[1], k.shape[1], block_q,
+                               block_kv).kernel_tables()
   backend = kernel_platform()
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)            # [B, T, H, D] <-> [B, H, T, D]
 
-  def run(q, k, v, *tables):
-    kv_blocks, kv_counts, kind, pidx, q_blocks, q_counts = tables
+  def run(q, k, v, *fields):
     out = block_sparse_attention_kernel(
-        heads_major(q), heads_major(k), heads_major(v), kv_blocks, kv_counts, kind,
-        info.partial_masks, pidx, q_blocks, q_counts, scale=scale, block_q=block_q,
-        block_kv=block_kv, interpret=interpret, backend=backend)
+        heads_major(q), heads_major(k), heads_major(v), type(tables)(*fields),
+        scale=scale, interpret=interpret, backend=backend)
     return heads_major(out)
 
-  head_dim = 0 if per_head else None
-  return shard_kernel(run, (q, k, v, *head_tables),
-                      ((0, 2), (0, 2), (0, 2), *[(None, head_dim)] * 6), (0, 2),
+  # Per-head tables (Hm = Hq) follow the heads' shard; the partial tiles are shared.
+  head_dim = 0 if tables.num_heads > 1 else None
+  dims = [(None, None) if name == "partial_masks" else (None, head_dim)
+          for name in tables._fields]
+  return shard_kernel(run, (q, k, v, *tables), ((0, 2), (0, 2), (0, 2), *dims), (0, 2),
                       heads=(q.shape[2], k.shape[2]))
 
 

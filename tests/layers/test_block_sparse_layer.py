@@ -59,7 +59,32 @@ def test_block_sparse_model_matches_dense_masked_attention_and_decodes(rng_seed,
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, rtol=2e-4, atol=2e-5)
 
 
+def test_default_blocks_are_picked_by_the_op(rng_seed, monkeypatch):
+  """block_q = block_kv = 0 (the default) hands None to the op, which picks the
+  platform's blocks (the whole 16-token sequence here); logits equal dense attention
+  under the mask."""
+  assert (BlockSparseOptions().block_q, BlockSparseOptions().block_kv) == (0, 0)
+  options = dict(pattern="local_global", window=4, num_global=3)
+  model = DecoderLM(parse_model_config(dict(
+      d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, attention="block_sparse",
+      attention_options=dict(impl="xla", **options))))
+  tokens = jax.random.randint(jax.random.key(rng_seed), (2, 16), 0, 256)
+  variables = sharding.unbox(jax.jit(model.init)(jax.random.key(rng_seed), tokens))
+  import sparsejax.ops.sparse_attention as bsa_ops
+  seen = []
+  xla = bsa_ops._xla_attention
+  monkeypatch.setattr(bsa_ops, "_xla_attention", lambda *a, **kw: seen.append(kw) or xla(
+      *a, **kw))
+  logits = jax.jit(model.apply)(variables, tokens)
+  assert [(kw["block_q"], kw["block_kv"]) for kw in seen] == [(16, 16)]
+  want = _dense_masked_logits(model, variables, tokens, options)
+  np.testing.assert_allclose(logits, want, rtol=2e-4, atol=2e-5)
+
+
 def test_block_sparse_options_are_validated():
+  with pytest.raises(ConfigError, match=r"config\.model\.attention_options\.block_q"):
+    parse_model_config(dict(attention="block_sparse",
+                            attention_options=dict(block_q=-1))).validate()
   with pytest.raises(ConfigError, match=r"config\.model\.attention_options\.pattern"):
     parse_model_config(dict(attention="block_sparse",
                             attention_options=dict(pattern="diagonal"))).validate()
@@ -74,6 +99,7 @@ def test_block_that_does_not_tile_the_sequence_shrinks(rng_seed):
   from sparsejax.layers.attention import fit_block
   assert (fit_block(8, 12), fit_block(8, 16), fit_block(64, 40), fit_block(8, 0)) == (
       4, 8, 40, 8)
+  assert fit_block(0, 12) is None                       # 0: the op picks by platform
   options = PATTERNS[1]
   model = _model(options)
   tokens = jax.random.randint(jax.random.key(rng_seed), (2, 12), 0, 256)

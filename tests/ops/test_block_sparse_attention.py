@@ -216,3 +216,37 @@ def test_auto_falls_back_to_xla_when_the_kernel_cannot_run(rng_seed):
     with pytest.raises(ValueError, match="block_sparse_attention: impl='pallas' cannot "
                        "run these inputs: block_q=8"):
       f("pallas")
+
+
+@pytest.mark.parametrize("platform,t,dtype,want,given", [
+    ("tpu", 1024, jnp.bfloat16, (512, 512), 32), ("gpu", 1024, jnp.bfloat16, (128, 64), 32),
+    ("tpu", 40, jnp.float32, (40, 40), 8)])
+def test_kernel_blocks_default_by_platform(platform, t, dtype, want, given, monkeypatch):
+  """block_q / block_kv None: `default_blocks` of the kernel platform in context picks
+  the kernel's blocks (seen by the kernel call they are handed to); a given one stays."""
+  seen = []
+  monkeypatch.setattr(bsa_lib, "_kernel_attention",
+                      lambda q, k, v, mask, **kw: seen.append(kw) or q)
+  q = jnp.zeros((1, t, 2, 32), dtype)
+  with dispatch.target_platform(platform):
+    block_sparse_attention(q, q, q, M.CausalMask(), impl="interpret")
+    block_sparse_attention(q, q, q, M.CausalMask(), block_kv=given, impl="interpret")
+  assert [(kw["block_q"], kw["block_kv"]) for kw in seen] == [want, (want[0], given)]
+
+
+def test_xla_blocks_default_to_128(monkeypatch):
+  """The XLA path's default blocks are the largest divisors <= 128 (it gathers M·bkv
+  keys per row): also when impl="auto" falls back from a kernel that cannot take the
+  kernel's default (GPU, T = 40: 8-blocks), with one warning."""
+  seen = []
+  monkeypatch.setattr(bsa_lib, "_xla_attention",
+                      lambda q, k, v, **kw: seen.append(kw) or q)
+  q = jnp.zeros((1, 1024, 2, 32))
+  block_sparse_attention(q, q, q, M.CausalMask(), impl="xla")
+  q40 = q[:, :40]
+  with dispatch.target_platform("gpu"):
+    reason = bsa_lib.kernel_unmet(q40, q40, q40, 8, 8)
+    dispatch._warned.discard(("block_sparse_attention", reason))
+    with pytest.warns(UserWarning, match="block_q=8 is not a power of two"):
+      block_sparse_attention(q40, q40, q40, M.CausalMask())
+  assert [(kw["block_q"], kw["block_kv"]) for kw in seen] == [(128, 128), (40, 40)]

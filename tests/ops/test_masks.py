@@ -169,6 +169,29 @@ def test_hashable_and_combinators():
   assert M.mask_info(M.CausalMask(), 8, 8, 4, 4) is info          # cached
 
 
+def test_kernel_tables_are_one_pytree():
+  """MaskInfo.kernel_tables() hands the kernels its seven tables as one BlockTables,
+  whose tile shape gives the block sizes and which crosses jit as a pytree."""
+  import jax
+  from pallas_kernels.block_sparse_attention import BlockTables
+  mask = M.MultiHeadMask((M.CausalMask(), M.LocalMask(3) | M.GlobalMask(2)))
+  info = M.mask_info(mask, 16, 24, 4, 8)
+  tabs = info.kernel_tables()
+  assert isinstance(tabs, BlockTables)
+  assert (tabs.block_q, tabs.block_kv, tabs.num_heads) == (4, 8, 2)
+  for name in BlockTables._fields:
+    assert getattr(tabs, name) is getattr(info, name)
+  tabs.check(hq=2, t=16, s=24)
+  with pytest.raises(ValueError, match=r"block_kind has shape \(2, 4, 3\), expected "
+                     r"\(2, 2, 3\) for T=8"):
+    tabs.check(hq=2, t=8, s=24)
+  leaves = jax.tree.leaves(tabs)
+  assert len(leaves) == 7
+  doubled = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(np.int32) * 2, t))(tabs)
+  assert isinstance(doubled, BlockTables)
+  np.testing.assert_array_equal(doubled.kv_blocks, 2 * info.kv_blocks)
+
+
 def test_fully_empty_mask_info():
   info = check_info(M.CausalMask(-100), 8, 8, 4, 4)
   assert info.kv_blocks.shape == (1, 2, 1) and (info.kv_counts == 0).all()
