@@ -1,8 +1,10 @@
 """Training-time and post-training sparsity: masks, density distributions, schedules,
-dynamic sparse training (SET, RigL) and one-shot pruning (magnitude, Wanda, SparseGPT)."""
+dynamic sparse training (SET, RigL) and one-shot pruning (magnitude, Wanda, SparseGPT)
+with its calibration statistics."""
 
 from sparsejax.sparsity.distributions import erk_densities, uniform_densities
 from sparsejax.sparsity.dst import rigl_update, set_update
+from sparsejax.sparsity.hessian import accumulate_act_sqnorm, accumulate_hessian, psum_hessian
 from sparsejax.sparsity.masks import block_mask, channel_mask, nm_mask, topk_mask
 from sparsejax.sparsity.posttrain import magnitude_mask, sparsegpt_prune, wanda_mask
 from sparsejax.sparsity.schedules import cosine_drop_fraction, polynomial_sparsity
