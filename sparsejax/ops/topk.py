@@ -44,7 +44,7 @@ from sparsejax.ops.dispatch import kernel_platform, resolve_impl
 BATCH_AXES = ("data", "fsdp", "expert")   # as sparsejax.sharding.BATCH_AXES
 
 
-def _static_int(v, name: str) -> int:
+def static_int(v, name: str) -> int:
   if isinstance(v, bool):
     raise ValueError(f"{name}={v!r} must be a static Python int")
   try:
@@ -68,7 +68,7 @@ def _axis(x, axis: int) -> int:
 
 def _check_k(k, d: int) -> int:
   """k in [1, d] (k = 0 only for an empty axis, d = 0)."""
-  k = _static_int(k, "k")
+  k = static_int(k, "k")
   lo = min(1, d)
   if not lo <= k <= d:
     raise ValueError(f"k={k} must be in [{lo}, {d}] for axis of size {d}")
@@ -114,7 +114,7 @@ def nm_mask(x: jax.Array, n: int, m: int, *, axis: int = -1) -> jax.Array:
 
 
 def _check_nm(n, m, d: int) -> tuple[int, int]:
-  n, m = _static_int(n, "n"), _static_int(m, "m")
+  n, m = static_int(n, "n"), static_int(m, "m")
   if m < 1 or d % m:
     raise ValueError(f"m={m} must be a positive divisor of the axis size {d}")
   if not 1 <= n <= m:

@@ -32,7 +32,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.ops.topk import _static_int as static_int
+from sparsejax.ops.topk import static_int
 
 POOLS = ("mean", "max")
 
