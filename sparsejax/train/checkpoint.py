@@ -8,6 +8,13 @@ failed one (a full disk, a deleted workdir) raises `CheckpointError` from the ne
 
 A checkpoint damaged later (a truncated array file, broken metadata, a missing item) is
 skipped by `restore_latest`, which falls back to the newest one that restores.
+
+Restoring reads the saved tree from the checkpoint's metadata first. Non-parameter
+`model_state` entries the checkpoint has and the restore target lacks (e.g. the
+always-zero MoE `moe_state` bias that softmax routing without bias updates no longer
+creates) are read and dropped, so older checkpoints still restore; any other difference
+(a parameter or optimizer entry on one side only, a different shape) raises
+CheckpointError naming the paths.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import logging as py_logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 
@@ -88,10 +98,56 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, data_state) of `step`; the state lands on `abstract_state`'s
-    ShapeDtypeStructs (shapes, dtypes and target shardings: resharding is allowed)."""
+    ShapeDtypeStructs (shapes, dtypes and target shardings: resharding is allowed).
+
+    `abstract_state` is a TrainState-like tree with a `model_state` field: saved
+    `model_state` entries it lacks are read and dropped; any other difference from the
+    saved tree raises CheckpointError naming the paths.
+    """
+    target = abstract_state
+    extra = self._extra_model_state(step, abstract_state)
+    if extra:
+      target = abstract_state.replace(model_state=traverse_util.unflatten_dict({
+          **traverse_util.flatten_dict(abstract_state.model_state, keep_empty_nodes=True),
+          **extra}))
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    state = restored.state
+    if extra:
+      state = state.replace(model_state=_like(state.model_state,
+                                              abstract_state.model_state))
+    return state, restored.data
+
+  def _extra_model_state(self, step: int, abstract_state: Any) -> dict[tuple, Any]:
+    """{path in model_state: replicated ShapeDtypeStruct} of the saved `model_state`
+    leaves that `abstract_state` lacks; CheckpointError for any other difference.
+    Unreadable metadata gives {}: the restore itself then reports the damage."""
+    with warnings.catch_warnings():   # orbax's unawaited coroutine on broken metadata
+      warnings.simplefilter("ignore", RuntimeWarning)
+      try:
+        saved = ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.directory) / str(step) / "state").tree)
+      except Exception:  # pylint: disable=broad-except
+        return {}
+    want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state,
+                                                         keep_empty_nodes=True))
+    params_first = lambda keys: sorted(keys, key=lambda k: k[0] != "params")
+    saved, want = ({k: t[k] for k in params_first(t)} for t in (saved, want))
+    extra = [k for k in saved if k not in want and k[0] == "model_state"]
+    problems = [f"{_path(k)} only in the checkpoint" for k in saved
+                if k not in want and k[0] != "model_state"]
+    problems += [f"{_path(k)} only in the model" for k in want if k not in saved]
+    problems += [f"{_path(k)} has shape {_shape(saved[k])} in the checkpoint, "
+                 f"{_shape(want[k])} in the model" for k in want
+                 if k in saved and None not in (_shape(saved[k]), _shape(want[k]))
+                 and _shape(saved[k]) != _shape(want[k])]
+    if problems:
+      more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+      raise CheckpointError(f"checkpoint step {step} does not match this model: "
+                            f"{'; '.join(problems[:3])}{more}")
+    sharding = _replicated(abstract_state)
+    return {k[1:]: jax.ShapeDtypeStruct(saved[k].shape, saved[k].dtype, sharding=sharding)
+            for k in extra}
 
   def restore_latest(self, abstract_state: Callable[[dict], Any]) -> Restored | None:
     """The newest checkpoint that restores, or None when there is none.
@@ -141,6 +197,32 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _path(key: tuple) -> str:
+  return ".".join(map(str, key))
+
+
+def _shape(leaf: Any) -> tuple | None:
+  shape = getattr(leaf, "shape", None)
+  return None if shape is None else tuple(shape)
+
+
+def _replicated(abstract_state: Any) -> jax.sharding.Sharding | None:
+  """Replicated sharding on the mesh of `abstract_state`'s first NamedSharding (None:
+  orbax then uses the saved sharding)."""
+  for leaf in jax.tree.leaves(abstract_state):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return None
+
+
+def _like(tree: Any, target: Any) -> Any:
+  """`tree` cut down to the keys of `target` (nested mappings)."""
+  if not isinstance(target, Mapping):
+    return tree
+  return {k: _like(tree[k], v) for k, v in target.items()}
 
 
 def _reason(error: BaseException) -> str:
