@@ -21,6 +21,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import hypothesis  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,26 @@ def tiny_config_dict(**sections):
   for name, overrides in sections.items():
     config.setdefault(name, {}).update(overrides)
   return config
+
+
+# Hypothesis profiles of the property tests (tests/property):
+#   sparsejax  20 examples per property (a test may ask for fewer), no deadline (the first
+#              example of every new shape pays an XLA compile), no example database (a
+#              failure prints its `@reproduce_failure` blob to replay it);
+#   thorough   200 examples, for a long local or nightly run:
+#              `pytest tests/property --hypothesis-profile=thorough`.
+# Tests that set `max_examples` themselves keep their count under every profile.
+_HYPOTHESIS = dict(deadline=None, database=None, derandomize=False, print_blob=True,
+                   suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                          hypothesis.HealthCheck.data_too_large])
+hypothesis.settings.register_profile("sparsejax", max_examples=20, **_HYPOTHESIS)
+hypothesis.settings.register_profile("thorough", max_examples=200, **_HYPOTHESIS)
+
+
+def pytest_configure(config):
+  """Loads the `sparsejax` hypothesis profile unless `--hypothesis-profile` chose one."""
+  if config.getoption("hypothesis_profile", None) is None:
+    hypothesis.settings.load_profile("sparsejax")
 
 
 @pytest.fixture
