@@ -28,9 +28,11 @@ Backends (see `tpu.py` / `gpu.py` for the kernels and their rooflines):
     union of the tile's selected blocks is built in XLA (scatter into a
     [nT, ns] bool matrix → CSR padded by repeating the last entry) and
     scalar-prefetched; grid (B·Hkv, 1, nT, M) with `pl.when` skipping padded steps;
-    a per-row selection mask + causality inside the tile. dq over the same tables,
-    dk/dv over the transposed union (kv block → tiles). Tables longer than
-    `SMEM_TABLE_BYTES` are split over several calls (`tpu_chunks`, `tpu_footprint`).
+    a per-row selection mask + causality inside the tile. dq over the same tables;
+    dk/dv one grid step per visited (kv block, tile) pair of a flat visit list
+    (`visit_list`, built in XLA by a cumsum and a scatter, sorted by kv block).
+    Tables longer than `SMEM_TABLE_BYTES` are split over several calls (`tpu_chunks`,
+    `dkv_chunk`, `tpu_footprint`).
 
 Backward (`jax.custom_vjp`): the forward saves out and LSE; di = Σ(do·out) in XLA; the
 dq and dk/dv kernels recompute p = exp(s − LSE). The integer tables get no cotangent.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,35 +78,47 @@ def default_block_q(t: int, g: int, sublanes: int = 8) -> int:
 
 def tpu_chunks(bc: int, rows: int, slots: int,
                budget: int = SMEM_TABLE_BYTES) -> tuple[int, int]:
-  """((batch · kv head) pairs, table rows) per TPU call so that its scalar-prefetched
-  tables, int32 [bc_c, rows_c, slots] + counts [bc_c, rows_c], take <= `budget` bytes
-  (at least one pair and one row per call). rows/slots: nT/M for the forward and dq,
-  ns/nT for dk/dv."""
+  """((batch · kv head) pairs, table rows) per TPU forward / dq call so that its
+  scalar-prefetched tables, int32 [bc_c, rows_c, slots] + counts [bc_c, rows_c], take
+  <= `budget` bytes (at least one pair and one row per call); rows/slots = nT/M."""
   per_row = 4 * (slots + 1)
   rc = largest_divisor(rows, budget // per_row)
   return largest_divisor(bc, budget // (per_row * rc)), rc
 
 
+def _in_shard_map() -> bool:
+  """Whether some mesh axis in context is manual (tracing inside a `jax.shard_map`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and jax.sharding.AxisType.Manual in mesh.axis_types
+
+
+def dkv_chunk(width: int, budget: int = SMEM_TABLE_BYTES) -> int:
+  """Visits per TPU dk/dv call: its two int32 tables (blocks, tiles) take <= `budget`
+  bytes (at least one visit); `width` is the visit list's static length."""
+  return max(1, min(width, budget // 8))
+
+
 def tpu_footprint(*, b: int, t: int, s: int, hq: int, hkv: int, n: int, d: int, dv: int,
                   select_block: int, itemsize: int, block_q: int | None = None,
                   budget: int = SMEM_TABLE_BYTES) -> dict[str, int]:
-  """Bytes of one TPU call after `tpu_chunks` for worst-case tables (M = min(ns, Tq·n)
-  union slots, Mt = nT): scalar-prefetch SMEM of the forward/dq and of the dk/dv call,
-  and VMEM of each kernel (double-buffered blocks, f32 scratch; [R, 1] and [R, n]
-  int32/f32 blocks pad to 128 lanes). Formulas in tpu.py's docstring."""
+  """Bytes of one TPU call after `tpu_chunks` / `dkv_chunk` for worst-case tables
+  (M = min(ns, Tq·n) union slots): scalar-prefetch SMEM of the forward/dq and of the
+  dk/dv call, and VMEM of each kernel (double-buffered blocks, f32 scratch or f32
+  dk/dv blocks; [R, 1] and [R, n] int32/f32 blocks pad to 128 lanes). Formulas in
+  tpu.py's docstring."""
   g, lsel = hq // hkv, select_block
   tq = default_block_q(t, g, 8 * max(1, 4 // itemsize)) if block_q is None else block_q
   nt, ns, r = t // tq, -(-s // lsel), tq * g
   m = max(1, min(ns, tq * n))
   bcc, rc = tpu_chunks(b * hkv, nt, m, budget)
-  bcd, rd = tpu_chunks(b * hkv, ns, nt, budget)
+  chunk = dkv_chunk(b * hkv * nt * m, budget)
   lane = 128 * 4                              # a VMEM row of < 128 lanes pads to 128
   kv = lsel * (d + dv) * itemsize
   fwd = 2 * (r * d * itemsize + kv + 2 * r * lane + r * dv * itemsize + r * lane) \
       + 2 * r * lane + r * dv * 4
   dq = 2 * (r * (d + dv) * itemsize + kv + 4 * r * lane + r * d * itemsize) + r * d * 4
-  dkv = 2 * (r * (d + dv) * itemsize + kv + 4 * r * lane + kv) + lsel * (d + dv) * 4
-  return dict(smem_fwd=4 * bcc * rc * (m + 1), smem_dkv=4 * bcd * rd * (nt + 1),
+  dkv = 2 * (r * (d + dv) * itemsize + kv + 4 * r * lane) + 4 * lsel * (d + dv) * 4
+  return dict(smem_fwd=4 * bcc * rc * (m + 1), smem_dkv=8 * chunk,
               vmem_fwd=fwd, vmem_dq=dq, vmem_dkv=dkv)
 
 
@@ -157,10 +172,29 @@ def csr_from_bool(hit: jax.Array, width: int):
   return jnp.where(slot < counts[..., None], order, last), counts
 
 
+def visit_list(hit: jax.Array, width: int):
+  """hit bool [P, nT, ns] (a token of query tile i of pair p selected kv block j) ->
+  (blocks int32 [width], tiles int32 [width], total int32): the `total` visited
+  (p, j, i) in (p, j, i) order as blocks = p·ns + j and tiles = i; entries past
+  `total` repeat the last visit (0 when there is none), so a TPU step over them
+  issues no DMA. `width` >= total (static). Built with a cumsum and a scatter."""
+  p, nt, ns = hit.shape
+  flat = jnp.swapaxes(hit, 1, 2).reshape(-1)                          # (p, j, i) order
+  dest = jnp.where(flat, jnp.cumsum(flat, dtype=jnp.int32) - 1, width)
+  total = jnp.sum(flat, dtype=jnp.int32)
+  past = jnp.arange(width) >= total
+
+  def put(axis):
+    x = jnp.zeros((width,), jnp.int32).at[dest].set(
+        lax.broadcasted_iota(jnp.int32, (p * ns, nt), axis).reshape(-1), mode="drop")
+    return jnp.where(past, x[jnp.maximum(total - 1, 0)], x)
+  return put(0), put(1), total
+
+
 def union_tables(sel_bct: jax.Array, num_blocks: int, block_q: int):
   """sel_bct int32 [B, Hkv, T, n] (-1 = invalid) -> (hit bool [B, Hkv, nT, ns]: some
-  token of tile i selected block j, forward CSR (blocks, counts), transposed CSR
-  (tiles, counts))."""
+  token of tile i selected block j, forward CSR (blocks, counts), the dk/dv visit list
+  (`visit_list` over the B·Hkv pairs; width B·Hkv·nT·M, M the forward's slots))."""
   b, hkv, t, n = sel_bct.shape
   nt = t // block_q
   bi = jnp.arange(b)[:, None, None, None]
@@ -169,9 +203,10 @@ def union_tables(sel_bct: jax.Array, num_blocks: int, block_q: int):
   col = jnp.where(sel_bct >= 0, sel_bct, num_blocks)
   hit = jnp.zeros((b, hkv, nt, num_blocks + 1), jnp.int32).at[bi, ci, ti, col].max(1)
   hit = hit[..., :num_blocks] > 0
-  fwd = csr_from_bool(hit, max(1, min(num_blocks, block_q * n)))
-  bwd = csr_from_bool(jnp.swapaxes(hit, 2, 3), nt)
-  return hit, fwd, bwd
+  m = max(1, min(num_blocks, block_q * n))
+  fwd = csr_from_bool(hit, m)
+  visits = visit_list(hit.reshape(b * hkv, nt, num_blocks), b * hkv * nt * m)
+  return hit, fwd, visits
 
 
 def union_stats(block_idx, valid, select_block: int, seq_len: int, block_q: int):
@@ -223,7 +258,7 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     backend: "tpu" or "gpu"; default by `jax.default_backend()`.
     num_warps: Triton warps (GPU).
     smem_table_bytes: TPU: most bytes of scalar-prefetched tables per pallas_call;
-      longer tables are split into several calls (`tpu_chunks`).
+      longer tables are split into several calls (`tpu_chunks`, `dkv_chunk`).
 
   Returns:
     out [B, T, Hq, Dv] in q.dtype.
@@ -261,12 +296,12 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
         if block_q is None else block_q
     rows, bc, nt = tq * g, b * hkv, t // tq
     sel_bct = jnp.swapaxes(sel, 1, 2)                                  # [B,Hkv,T,n]
-    _, fwd_t, bwd_t = union_tables(sel_bct, ns, tq)
+    _, fwd_t, visits = union_tables(sel_bct, ns, tq)
     flat = lambda x: x.reshape(bc, 1, *x.shape[2:])    # (b, c) pairs as the batch axis
-    # s ≤ min(pos, S − 1) is "s ≤ pos and s < S": the dk/dv chunks shift positions.
+    # s ≤ min(pos, S − 1) is "s ≤ pos and s < S".
     pos_rows = jnp.repeat(jnp.minimum(pos, s_len - 1), g, axis=1)[..., None]
     tables = (flat(jnp.repeat(sel_bct, g, axis=2)), jnp.repeat(pos_rows, hkv, axis=0),
-              tuple(map(flat, fwd_t)), tuple(map(flat, bwd_t)))
+              tuple(map(flat, fwd_t)), visits)
     kw.update(block_rows=rows, interpret=interpret)
     kh, vh = flat(kh), flat(vh)
 
@@ -303,21 +338,26 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
       dq = by_tiles(lambda q, do, lse, di, k, v, *r: nsa_dq_tpu(q, k, v, do, lse, di, *r,
                                                                 **kw),
                     (q, do, lse, di[..., None]), k, v, tab)
-      sel_r, pos_r, _, (tiles, counts) = tab
-      bcc, rc = tpu_chunks(bc, ns, tiles.shape[3], smem_table_bytes)
-      nb, nr = bc // bcc, ns // rc
+      sel_r, pos_r, _, (blocks, tiles, total) = tab
+      chunk = dkv_chunk(blocks.shape[0], smem_table_bytes)
+      pad = -blocks.shape[0] % chunk
+      blocks, tiles = (jnp.pad(x, (0, pad), mode="edge") for x in (blocks, tiles))
 
-      def one(i):   # kv blocks [ri·rc, (ri+1)·rc): block ids and positions shifted
-        bi, ri = i // nr, i % nr
-        xs = [take(x, 0, bi, bcc) for x in (q, do, lse, di[..., None])]
-        kvs = [take(take(x, 0, bi, bcc), 2, ri, rc * lsel) for x in (k, v)]
-        sel_c = take(sel_r, 0, bi, bcc)
-        sel_c = jnp.where(sel_c >= 0, sel_c - ri * rc, -1)
-        pos_c = take(pos_r, 0, bi, bcc) - ri * rc * lsel
-        tabs = [take(take(x, 0, bi, bcc), 2, ri, rc) for x in (tiles, counts)]
-        return nsa_dkv_tpu(xs[0], *kvs, *xs[1:], sel_c, pos_c, *tabs, **kw)
-      dk, dv = jax.tree.map(lambda o: unchunk(o, nb, nr), map_chunks(one, nb * nr))
-      return dq, dk, dv
+      # Pallas' TPU interpreter runs a shard_map's devices in lock step (a barrier per
+      # kernel call): there every device makes all blocks.size / chunk calls, each over
+      # a static grid of `chunk` steps; compiled, ⌈total / chunk⌉ calls of `steps`.
+      lockstep = bool(interpret) and _in_shard_map()
+      calls = blocks.shape[0] // chunk if lockstep else (total + chunk - 1) // chunk
+
+      def one(i, acc):    # visits [i·chunk, min((i+1)·chunk, total)): one call each
+        steps = jnp.clip(total - i * chunk, 0, chunk)
+        return tuple(nsa_dkv_tpu(q, k, v, do, lse, di[..., None], sel_r, pos_r,
+                                 take(blocks, 0, i, chunk), take(tiles, 0, i, chunk),
+                                 steps, *acc, static_grid=lockstep, **kw))
+      acc = match_vma(jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
+                      k)[:2]
+      dk, dv = lax.fori_loop(0, calls, one, acc)
+      return dq, (dk * scale).astype(k.dtype), dv.astype(v.dtype)
   else:
     gp = max(16, 1 << (g - 1).bit_length())
     offsets, tokens = inverse_csr(sel, ns)
@@ -360,5 +400,5 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
 
 __all__ = ["nsa_selection_kernel", "nsa_fwd_tpu", "nsa_dq_tpu", "nsa_dkv_tpu",
            "nsa_fwd_gpu", "nsa_dq_gpu", "nsa_dkv_gpu", "union_tables", "union_stats",
-           "inverse_csr", "csr_from_bool", "default_block_q", "BACKENDS", "MASK_VALUE",
-           "EMPTY_LSE", "SUPPORTED_DTYPES"]
+           "inverse_csr", "csr_from_bool", "visit_list", "default_block_q", "dkv_chunk",
+           "BACKENDS", "MASK_VALUE", "EMPTY_LSE", "SUPPORTED_DTYPES"]

@@ -6,12 +6,13 @@ the row axis, row r = t·G + g of a tile of Tq tokens, so one tile is R = Tq·G 
     q [B, Hkv, T·G, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (S a multiple of l'),
     sel [B, Hkv, T·G, n] int32 selected block ids per row (-1 for an invalid slot),
     pos [B, T·G, 1] int32 query position per row.
-Scalar-prefetched tables (flattened int32, see `__init__._union_tables`):
+Scalar-prefetched tables (flattened int32, see `__init__.union_tables`):
     fwd: blocks [B, Hkv, nT, M] = the sorted union of the blocks any token of tile i
          selected (padded by repeating the last entry, so padded steps issue no DMA),
          counts [B, Hkv, nT];
-    dkv: the transposed union, tiles [B, Hkv, ns, Mt] (tiles whose union holds kv block
-         j), counts [B, Hkv, ns].
+    dkv: the visit list (`__init__.visit_list`): the U visited (pair, kv block j,
+         tile i) — tile i's union holds block j — sorted by (pair, j, i), as two flat
+         int32 tables blocks = pair·ns + j and tiles = i.
 
 Forward (`nsa_fwd_tpu`): grid (B, Hkv, nT, M), semantics (parallel ×3, arbitrary). Step
 (b, c, i, u) loads kv block blocks[b, c, i, u] through the K/V index map and does nothing
@@ -21,9 +22,17 @@ key < S (causality inside the current block). Online softmax in f32 VMEM scratch
 the output block (b, c, i) is revisited only on the consecutive steps u and written at
 u = M − 1, with LSE (+0.7·f32max for a row with no allowed key, whose output is 0).
 dq (`nsa_dq_tpu`): the forward's grid and tables, dq += ds·k in f32 scratch.
-dk/dv (`nsa_dkv_tpu`): grid (B, Hkv, ns, Mt) over the transposed union; the dk/dv block
-(b, c, j) is revisited only on consecutive steps; the G heads of the group are rows of
-the tile, so the GQA group sum happens inside the matmuls.
+dk/dv (`nsa_dkv_tpu`): a 1-D dynamic grid of one step per listed visit (no empty
+steps); the visits of a kv block are consecutive, so its f32 dk/dv output block is
+revisited only on consecutive steps and accumulates in VMEM; the G heads of the group
+are rows of the tile, so the GQA group sum happens inside the matmuls. The list is cut
+into calls of `dkv_chunk` visits (a `lax.fori_loop` over ⌈U / chunk⌉ calls): f32
+running sums [B, Hkv, S, D] / [.., Dv] are aliased input → output, a block's first
+visit in a call loads its sum, so blocks straddling calls add up exactly as in one
+call; dk = scale · Σ and the casts happen once at the end (XLA). The grid is
+sequential ("arbitrary"): on two-TensorCore chips (v4, v5p) one core runs it. (Interpret
+mode inside a `jax.shard_map` makes every call of the static list, each over a static
+grid with `pl.when` skips: the interpreter runs the devices in lock step.)
 
 Roofline (per kv head, nnz = allowed (token, key) pairs, U = Σ_i counts[i] visited
 (tile, block) pairs): executed FLOPs_fwd = 2·U·R·l'·(D + Dv) vs useful
@@ -38,23 +47,25 @@ of a tile, so ≥ 3 of the n blocks are fully reused), and the executed/useful r
 Limits per pallas_call (the package's `tpu_footprint` computes them; tested at 32k and
 128k context). Chips: SMEM ~1 MiB per TensorCore (v4, v5e, v5p, v6e); VMEM 16 MiB
 (v5e) / 32 MiB (v6e) default scoped limit, 128 MiB physical.
-  SMEM (scalar prefetch, int32): forward/dq blocks + counts = 4·P·nT_c·(M + 1) bytes,
-    dk/dv tiles + counts = 4·P·ns_c·(nT + 1), for P (batch, kv head) pairs per call.
+  SMEM (scalar prefetch, int32): forward/dq blocks + counts = 4·P·nT_c·(M + 1) bytes
+    for P (batch, kv head) pairs per call; dk/dv 8 bytes per visit of the call.
     Unsplit they grow with T (B = 1, Hq 64, Hkv 4, n 16, l' 64, Tq·G = 128: forward
-    2 MiB at 8k, 8 MiB at 32k; dk/dv 32 MiB at 32k), so the package runs the kernels on
-    (b, c) pairs folded into the batch axis and splits the grid into chunks of pairs ×
-    rows (`tpu_chunks`; one call per chunk inside a `lax.map`; dk/dv chunks shift
-    block ids and positions to the chunk) to stay within `SMEM_TABLE_BYTES` = 256 KiB.
-    Floor: one row, 4·(M + 1) and 4·(nT + 1) bytes (nT ≤ 65535 tiles).
+    2 MiB at 8k, 8 MiB at 32k; dk/dv up to 8·Hkv·T·n = 16 MiB at 32k), so the package
+    runs the kernels on (b, c) pairs folded into the batch axis, splits the forward /
+    dq grid into chunks of pairs × rows (`tpu_chunks`; one call per chunk inside a
+    `lax.map`) and the dk/dv visit list into calls of `dkv_chunk` = 32768 visits, to
+    stay within `SMEM_TABLE_BYTES` = 256 KiB. Floor: one row, 4·(M + 1) bytes.
   VMEM (b = itemsize; R = Tq·G rows; inputs/outputs double-buffered; [R, 1] and [R, n]
     blocks pad to 128 lanes = 512·R bytes; kv = l'·(D + Dv)·b):
       fwd  2·(R·D·b + kv + 1024·R + R·Dv·b + 512·R) + 1024·R + 4·R·Dv
       dq   2·(R·(D+Dv)·b + kv + 2048·R + R·D·b) + 4·R·D
-      dkv  2·(R·(D+Dv)·b + 2·kv + 2048·R) + 4·l'·(D+Dv)
-    (R = 128, l' = 64, D = Dv = 128, bf16: 0.75 / 0.81 / 0.81 MiB), independent of T.
-  Grid steps: dk/dv visits ns·nT (block, tile) slots per pair and skips the empty ones
-    with `pl.when` (~0.35 µs each on TPU): 2M slots per pair at 32k — the dk/dv kernel's
-    fixed cost at long context (a flat list of the U visited pairs would remove it).
+      dkv  2·(R·(D+Dv)·b + kv + 2048·R) + 16·l'·(D+Dv)   (f32 sums in and out)
+    (R = 128, l' = 64, D = Dv = 128, bf16: 0.75 / 0.81 / 0.94 MiB), independent of T.
+  Grid steps: dk/dv takes U per pair, the visited (block, tile) pairs. The former
+    transposed-union grid stepped all ns·nT slots, skipping the empty ones with
+    `pl.when` (~0.35 µs each on TPU): with NSA's causal selection of random scores
+    (l' 64, n 16, Tq 8) 131,072 -> 50,246 steps at 8k, 2,097,152 -> 331,558 at 32k
+    (tests/kernels/test_nsa_kernel.py). The forward / dq still step nT·M slots.
 Constraints: float32 / bfloat16; R and l' multiples of 8 (16 for bfloat16) unless they
 cover the whole axis. Matmuls accumulate in f32, at HIGHEST precision for f32 operands
 and the MXU's native precision for bf16 (Mosaic rejects HIGHEST on bf16).
@@ -228,78 +239,84 @@ def nsa_dq_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, counts, *, scale, sele
   )(*args)
 
 
-def _dkv_kernel(tile_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, sel_ref,
-                pos_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, lsel, s_len, hkv, nb,
-                m_slots):
-  b, c, j, u = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = (b * hkv + c) * nb + j
+def _dkv_kernel(steps_ref, blk_ref, tile_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                di_ref, sel_ref, pos_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *, scale,
+                lsel, s_len, num_blocks):
+  u = pl.program_id(0)
+  blk = blk_ref[u]
 
-  @pl.when(u == 0)
+  # The visits of a (pair, kv block) are consecutive; the first of this call starts
+  # from the sums of the earlier calls (zeros before the first). Also on padded steps
+  # (they repeat the last visit): a call of none still writes that block back intact.
+  @pl.when((u == 0) | (blk_ref[jnp.maximum(u - 1, 0)] != blk))
   def _init():
-    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
-    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+    dk_ref[...] = dk_in_ref[...]
+    dv_ref[...] = dv_in_ref[...]
 
-  @pl.when(u < cnt_ref[row])
-  def _update():
+  @pl.when(u < steps_ref[0])           # always, except on a static grid's padded steps
+  def _visit():
     q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
-    allowed = _allowed(sel_ref[0, 0], pos_ref[0], j, lsel, s_len)
+    allowed = _allowed(sel_ref[0, 0], pos_ref[0], lax.rem(blk, num_blocks), lsel, s_len)
     p = _probs(q, k, lse_ref[0, 0], allowed, scale)                  # [R, l']
-    dv_sc[...] += dot_tn(p.astype(do.dtype), do)
+    dv_ref[0, 0] += dot_tn(p.astype(do.dtype), do)
     ds = p * (dot_nt(do, v) - di_ref[0, 0])
-    dk_sc[...] += dot_tn(ds.astype(q.dtype), q)
-
-  @pl.when(u == m_slots - 1)
-  def _finish():
-    dk_ref[0, 0] = (dk_sc[...] * scale).astype(dk_ref.dtype)
-    dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
+    dk_ref[0, 0] += dot_tn(ds.astype(q.dtype), q)
 
 
-def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, tiles, counts, *, scale, select_block,
-                block_rows, seq_len, interpret=False):
-  """(dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]); tiles int32 [B, Hkv, ns, Mt] (transposed
-  union), counts int32 [B, Hkv, ns]. GQA group summed (heads are tile rows)."""
+def nsa_dkv_tpu(q, k, v, d_out, lse, di, sel, pos, blocks, tiles, steps, dk_acc, dv_acc,
+                *, scale, select_block, block_rows, seq_len, static_grid=False,
+                interpret=False):
+  """(dk_acc, dv_acc) f32 [B, Hkv, S, D] / [.., Dv] plus the unscaled dk (Σ dsᵀ·q)
+  and dv (Σ pᵀ·do) of the visits blocks[:steps], tiles[:steps].
+
+  One grid step per visited (pair, kv block, query tile): blocks int32 [C] holds
+  b·ns + j for (batch · kv head) pair b and kv block j (the wrapper folds the pairs
+  into B and passes Hkv = 1), tiles int32 [C] the query tile, sorted by (b, j, tile);
+  steps (int32 scalar <= C) is the dynamic grid size (entries past it repeat the last
+  visit, so a step over them issues no DMA). static_grid=True runs a static grid of C
+  steps instead, skipping those past `steps` — for interpret mode inside a
+  `jax.shard_map`, whose devices Pallas' TPU interpreter runs in lock step (and whose
+  grid indices a per-device bound would make vary over the mesh axes, unlike the
+  constants they meet in the kernel). dk_acc / dv_acc are aliased to
+  the outputs: a kv block's first visit in this call loads its running sums, so a
+  block whose visits straddle two calls is summed across them in f32 (and blocks not
+  visited keep theirs). GQA group summed (heads are tile rows).
+  """
   b, hkv, tg, d = q.shape
   s, dv, n = k.shape[2], v.shape[3], sel.shape[3]
-  _, _, nb, m_slots = tiles.shape
   lsel, rows = select_block, block_rows
-
-  def q_map(b_, c, j, u, tile, cnt):
-    return b_, c, tile[((b_ * hkv + c) * nb + j) * m_slots + u], 0
-
-  def pos_map(b_, c, j, u, tile, cnt):
-    return b_, tile[((b_ * hkv + c) * nb + j) * m_slots + u], 0
-
-  kv_map = lambda b_, c, j, u, tile, cnt: (b_, c, j, 0)
+  nb = s // lsel
+  q_map = lambda u, n, blk, tile: (lax.div(blk[u], nb), 0, tile[u], 0)   # ids >= 0:
+  pos_map = lambda u, n, blk, tile: (lax.div(blk[u], nb), tile[u], 0)    # C div/rem
+  kv_map = lambda u, n, blk, tile: (lax.div(blk[u], nb), 0, lax.rem(blk[u], nb), 0)
+  kv_specs = [pl.BlockSpec((1, 1, lsel, d), kv_map),
+              pl.BlockSpec((1, 1, lsel, dv), kv_map)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
-      grid=(b, hkv, nb, m_slots),
-      in_specs=[pl.BlockSpec((1, 1, rows, d), q_map),
-                pl.BlockSpec((1, 1, lsel, d), kv_map),
-                pl.BlockSpec((1, 1, lsel, dv), kv_map),
+      num_scalar_prefetch=3,
+      grid=(blocks.shape[0] if static_grid else steps,),
+      in_specs=[pl.BlockSpec((1, 1, rows, d), q_map), *kv_specs,
                 pl.BlockSpec((1, 1, rows, dv), q_map),
                 pl.BlockSpec((1, 1, rows, 1), q_map),
                 pl.BlockSpec((1, 1, rows, 1), q_map),
                 pl.BlockSpec((1, 1, rows, n), q_map),
-                pl.BlockSpec((1, rows, 1), pos_map)],
-      out_specs=[pl.BlockSpec((1, 1, lsel, d), kv_map),
-                 pl.BlockSpec((1, 1, lsel, dv), kv_map)],
-      scratch_shapes=[pltpu.VMEM((lsel, d), jnp.float32),
-                      pltpu.VMEM((lsel, dv), jnp.float32)])
-  visited = b * hkv * nb * m_slots
+                pl.BlockSpec((1, rows, 1), pos_map), *kv_specs],
+      out_specs=kv_specs)
+  visited = blocks.shape[0]                                  # static bound on steps
   itemsize = q.dtype.itemsize
-  args = (tiles.reshape(-1), counts.reshape(-1), q, k, v, d_out, lse, di, sel, pos)
+  args = (jnp.reshape(steps, (1,)), blocks, tiles, q, k, v, d_out, lse, di, sel, pos,
+          dk_acc, dv_acc)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, lsel=lsel, s_len=seq_len, hkv=hkv,
-                        nb=nb, m_slots=m_slots),
+      functools.partial(_dkv_kernel, scale=scale, lsel=lsel, s_len=seq_len,
+                        num_blocks=nb),
       grid_spec=grid_spec,
-      out_shape=[out_struct((b, hkv, s, d), k.dtype, *args),
-                 out_struct((b, hkv, s, dv), v.dtype, *args)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      out_shape=[out_struct(dk_acc.shape, jnp.float32, *args),
+                 out_struct(dv_acc.shape, jnp.float32, *args)],
+      input_output_aliases={11: 0, 12: 1},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       cost_estimate=pl.CostEstimate(
           flops=2 * visited * rows * lsel * (2 * d + 2 * dv),
           transcendentals=visited * rows * lsel,
-          bytes_accessed=b * hkv * s * 2 * (d + dv) * itemsize
+          bytes_accessed=b * hkv * s * 3 * (d + dv) * 4
           + visited * rows * (d + dv) * itemsize + visited * rows * (n + 3) * 4),
       interpret=interpret_params(interpret),
       name="nsa_selection_dkv_tpu",

@@ -122,13 +122,15 @@ def test_tables():
   np.testing.assert_array_equal(ids[0], [0, 2, 2])              # padded with the last id
   np.testing.assert_array_equal(ids[2], [1, 1, 1])
   sel = jnp.asarray([[[[0, 1], [0, -1], [2, 0], [-1, -1]]]], jnp.int32)   # [B,Hkv,T,n]
-  hit, (blocks, bcounts), (tiles, tcounts) = jax.jit(union_tables, static_argnums=(1, 2))(
-      sel, 3, 2)
+  hit, (blocks, bcounts), (vblocks, vtiles, total) = jax.jit(
+      union_tables, static_argnums=(1, 2))(sel, 3, 2)
   np.testing.assert_array_equal(hit[0, 0], [[True, True, False], [True, False, True]])
   np.testing.assert_array_equal(bcounts[0, 0], [2, 2])
   np.testing.assert_array_equal(blocks[0, 0], [[0, 1, 1], [0, 2, 2]])
-  np.testing.assert_array_equal(tcounts[0, 0], [2, 1, 1])
-  np.testing.assert_array_equal(tiles[0, 0], [[0, 1], [0, 0], [1, 1]])
+  # dk/dv visits in (kv block, tile) order; width = nT · M = 2 · 3
+  assert total == 4 and vblocks.shape == vtiles.shape == (6,)    # past 4: the last visit
+  np.testing.assert_array_equal(vblocks, [0, 0, 1, 2, 2, 2])
+  np.testing.assert_array_equal(vtiles, [0, 1, 0, 1, 1, 1])
   offsets, tokens = jax.jit(inverse_csr, static_argnums=1)(jnp.swapaxes(sel, 1, 2), 3)
   np.testing.assert_array_equal(offsets[0, 0], [0, 3, 4, 5])
   np.testing.assert_array_equal(tokens[0, 0, :5], [0, 1, 2, 0, 2])
@@ -220,8 +222,9 @@ def test_invalid_block_ids_contribute_nothing(backend, rng_seed):
 
 
 def test_tpu_tables_split_into_chunks(rng_seed):
-  """A tiny SMEM budget splits the TPU calls into (pair, row) chunks (6 forward / dq
-  and 6 dk/dv calls here, inside lax.map); results equal the reference."""
+  """A tiny SMEM budget splits the TPU calls: forward / dq into (pair, row) chunks (6
+  calls here, inside lax.map), dk/dv into calls of 2 visits each (a kv block's visits
+  straddle calls, summed in f32 across them); results equal the reference."""
   from pallas_kernels.nsa import tpu_chunks
   b, t, s, n, bq, _ = CASES["tpu"]
   assert tpu_chunks(b * 2, t // bq, 3, 16) == (1, 1)
@@ -247,3 +250,47 @@ def test_tpu_footprint_fits_long_context(t):
   assert 4 * 2 * 4 * nt * (128 + 1) > 8 * 2 ** 20              # unsplit forward tables
   assert max(fp["smem_fwd"], fp["smem_dkv"]) <= SMEM_TABLE_BYTES
   assert max(fp["vmem_fwd"], fp["vmem_dq"], fp["vmem_dkv"]) <= 16 * 2 ** 20
+
+
+@pytest.mark.parametrize("t,slots,min_ratio", [(8192, 131072, 2), (32768, 2097152, 5)])
+def test_tpu_dkv_steps_only_the_visited_pairs(t, slots, min_ratio):
+  """TPU dk/dv grid steps per (batch, kv head) pair, paper sizes (l' 64, n 16 with 1
+  initial and 2 local blocks, G 16 bf16 so Tq 8), NSA's causal selection of random
+  scores. The transposed-union grid stepped every one of the ns·nT (kv block, tile)
+  slots and skipped the empty ones; the visit list has one step per visited pair,
+  U = the union's visited count. Measured: 8k 131,072 -> 50,246 steps (2.6x fewer),
+  32k 2,097,152 -> 331,558 (6.3x)."""
+  from pallas_kernels.nsa import default_block_q
+  tq, ns = default_block_q(t, 16, 16), t // 64
+  assert ns * (t // tq) == slots
+  scores = jax.random.uniform(jax.random.key(0), (1, t, 1, ns))
+  idx, valid = select_blocks(scores, jnp.arange(t)[None], 16, 64)
+  sel = jnp.swapaxes(jnp.where(valid, idx, -1), 1, 2)
+  _, _, (_, _, steps) = jax.jit(union_tables, static_argnums=(1, 2))(sel, ns, tq)
+  assert int(steps) == union_stats(idx, valid, 64, t, tq)["visited"]
+  assert int(steps) * min_ratio < slots
+
+
+@pytest.mark.slow
+def test_tpu_dkv_calls_in_lock_step_inside_shard_map(rng_seed):
+  """Inside a checked `jax.shard_map` (4 devices: batch and kv heads split) the
+  interpret-mode dk/dv calls run in lock step on every device — static grids of 2
+  visits here, a kv block's visits straddling calls, devices with fewer visits making
+  calls of none — and the grads equal the XLA path's."""
+  q, k, v, cot, idx, valid, _ = inputs(rng_seed, 2, 32, 32, 4, 2, 16, 16, 2)
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = jax.sharding.PartitionSpec("data", None, "tensor", None)
+  kern = lambda q, k, v, idx, ok: nsa_selection_kernel(
+      q, k, v, idx, ok, select_block=L_SEL, block_q=8, backend="tpu",
+      interpret=interpret_for("tpu"), smem_table_bytes=16).astype(jnp.float32)
+  ref = lambda q, k, v, idx, ok: selected_attention(q, k, v, idx, ok, L_SEL, impl="xla")
+
+  def grads(fn):
+    run = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+    loss = lambda q, k, v: jnp.sum(run(q, k, v, jnp.asarray(idx), jnp.asarray(valid))
+                                   * cot)
+    with jax.set_mesh(mesh):
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  for x, y in zip(grads(kern), grads(ref)):
+    assert_close(x, y)
