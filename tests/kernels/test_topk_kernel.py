@@ -188,7 +188,7 @@ def test_tpu_compiles_sharded_forward_and_backward(topology, dtype):
   kernel inside shard_map) compiles with Mosaic, forward and STE backward, at a small
   row length and at the longest the VMEM model admits (a too-optimistic model fails
   here with a scoped-VMEM error)."""
-  tpu_aot = pytest.importorskip("tpu_aot")
+  import tpu_aot  # tpu_mesh skips (with its reason) only when libtpu is missing
   from jax.sharding import NamedSharding, PartitionSpec as P
   from sparsejax.ops.topk import topk_sparsify
   mesh = tpu_aot.tpu_mesh(topology, {"data": 4})
