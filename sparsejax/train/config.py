@@ -13,6 +13,7 @@ from typing import Any
 from sparsejax import validation
 from sparsejax.models.config import ModelConfig
 from sparsejax.sharding import MeshConfig
+from sparsejax.sparsity.gradient import GradCompressionConfig
 from sparsejax.train.data import DataConfig
 from sparsejax.train.optim import OptimConfig
 from sparsejax.validation import check
@@ -32,6 +33,8 @@ class TrainConfig:
   init_from: str = ""            # a run's workdir: start from its latest params
   init_from_hf: str = ""         # a Hugging Face checkpoint dir: its architecture and
                                  # params (sparsejax.interop.hf.with_hf_model)
+  # sparse gradient exchange (top-k + error feedback / DGC): sparsejax.train.compressed_step
+  grad_compression: GradCompressionConfig = GradCompressionConfig()
 
   def validate(self, prefix: str = "config.train") -> None:
     check(self.num_steps >= 1, f"{prefix}.num_steps", self.num_steps, ">= 1")

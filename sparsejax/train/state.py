@@ -29,6 +29,8 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any         # {collection: pytree} of non-parameter state
+  grad_comm: Any = None    # per-device gradient-compression state (residuals / DGC
+                           # momentum), [N, ...] over "data"; None when off
 
 
 def split_variables(variables: dict) -> tuple[Any, dict]:

@@ -37,6 +37,7 @@ import optax
 from sparsejax import sharding
 from sparsejax.interop import hf
 from sparsejax.models import DecoderLM
+from sparsejax.train import compressed_step
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import (CheckpointError, Checkpointer,
                                        abstract_with_shardings)
@@ -63,6 +64,7 @@ class Trainer:
   def __init__(self, config: Config, mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    compressed_step.check_supported(config, self.mesh)
     self.model = DecoderLM(config.model)
     self.tx, self.schedule = make_optimizer(
         config.optim, config.train.num_steps,
@@ -70,13 +72,16 @@ class Trainer:
     rng = jax.random.key(0)   # before the mesh: AOT (compile-only) meshes hold no arrays
     with self.activate():
       boxed = jax.eval_shape(self._init_boxed, rng)
-      self.state_shardings = sharding.tree_shardings(boxed, self.mesh)
+      self.state_shardings = compressed_step.place_comm_state(
+          sharding.tree_shardings(boxed, self.mesh), self.mesh)
       self.abstract_state = sharding.unbox(boxed)
       self._init = jax.jit(lambda rng: sharding.unbox(self._init_boxed(rng)),
                            out_shardings=self.state_shardings)
       batch = sharding.batch_sharding(self.mesh)
       batch_shardings = {"inputs": batch, "targets": batch}
-      self._train_step = jax.jit(self._step, donate_argnums=0,
+      step = (compressed_step.make_step(self)
+              if config.train.grad_compression.enabled else self._step)
+      self._train_step = jax.jit(step, donate_argnums=0,
                                  in_shardings=(self.state_shardings, batch_shardings),
                                  out_shardings=(self.state_shardings, None))
       self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings,
@@ -94,7 +99,12 @@ class Trainer:
   def _init_boxed(self, rng: jax.Array) -> TrainState:
     params, model_state = split_variables(self.model.init(rng, self._example_tokens()))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), model_state=model_state)
+                      opt_state=self.tx.init(params), model_state=model_state,
+                      grad_comm=self._grad_comm(params))
+
+  def _grad_comm(self, params: Any) -> Any:
+    return compressed_step.init_comm(self.config.train.grad_compression, params,
+                                     self.mesh)
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """A fresh train state, created sharded (no full copy on one device)."""
@@ -157,7 +167,8 @@ class Trainer:
     """A step-0 state around given params (fresh optimizer state), placed sharded."""
     def build(params, model_state):
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.tx.init(params), model_state=model_state)
+                        opt_state=self.tx.init(params), model_state=model_state,
+                        grad_comm=self._grad_comm(params))
     if model_state is None:
       model_state = self.init_state().model_state
     with self.activate():
