@@ -39,6 +39,11 @@ class ModelConfig:
   num_kv_heads: int = 4
   head_dim: int = 0                # 0: d_model // num_heads
   d_ff: int = 0                    # 0: 8/3 · d_model rounded up to a multiple of 64
+  # Per-block sizes (one entry per block; () = the single value above in every block),
+  # e.g. from `sparsejax.sparsity.shrink`; a per-block num_heads needs head_dim > 0.
+  d_ff_per_layer: tuple[int, ...] = ()
+  num_heads_per_layer: tuple[int, ...] = ()
+  num_kv_heads_per_layer: tuple[int, ...] = ()
   rope_theta: float = 10_000.0
   rope_scaling: Mapping[str, Any] = _EMPTY   # {} = off; else ops.attention.RopeScaling
   qkv_bias: bool = False           # learned biases on the q/k/v projections (Qwen2)
@@ -67,6 +72,18 @@ class ModelConfig:
   @property
   def resolved_d_ff(self) -> int:
     return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  def for_layer(self, layer: int) -> ModelConfig:
+    """The config block `layer` is built from: this one with d_ff, num_heads and
+    num_kv_heads taken from the `*_per_layer` tuples where set (and those cleared).
+    Without per-block sizes it is this very config, so such models are unchanged."""
+    if not any(getattr(self, name) for name in PER_LAYER_FIELDS):
+      return self
+    sizes = {name: getattr(self, name)[layer] for name in PER_LAYER_FIELDS
+             if getattr(self, name)}
+    return dataclasses.replace(
+        self, **{name[:-len("_per_layer")]: size for name, size in sizes.items()},
+        **{name: () for name in PER_LAYER_FIELDS})
 
   @property
   def rope_scaling_params(self):
@@ -126,6 +143,7 @@ class ModelConfig:
             f"a divisor of d_model={self.d_model} when head_dim=0")
     check(self.num_heads % self.num_kv_heads == 0, f"{prefix}.num_kv_heads",
           self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+    self._validate_per_layer(prefix)
     check(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim",
           self.resolved_head_dim, "even (RoPE rotates pairs)")
     check(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "> 0")
@@ -151,6 +169,25 @@ class ModelConfig:
     for src, dst in self.memory_placements:
       check(0 <= src <= dst < self.num_layers, field, self.memory_layers,
             f"pairs s:t with 0 <= s <= t < num_layers={self.num_layers}")
+
+  def _validate_per_layer(self, prefix: str) -> None:
+    for name in PER_LAYER_FIELDS:
+      sizes = getattr(self, name)
+      check(not sizes or len(sizes) == self.num_layers, f"{prefix}.{name}", sizes,
+            f"empty or one size per block ({self.num_layers} entries)")
+      check(all(size >= 1 for size in sizes), f"{prefix}.{name}", sizes,
+            "sizes >= 1")
+    if self.num_heads_per_layer:
+      check(self.head_dim > 0, f"{prefix}.head_dim", self.head_dim,
+            "> 0 when num_heads_per_layer is set")
+    for layer in range(self.num_layers):
+      block = self.for_layer(layer)
+      kv = "num_kv_heads_per_layer" if self.num_kv_heads_per_layer else "num_kv_heads"
+      check(block.num_heads % block.num_kv_heads == 0, f"{prefix}.{kv}",
+            getattr(self, kv), f"a divisor of block {layer}'s num_heads={block.num_heads}")
+
+
+PER_LAYER_FIELDS = ("d_ff_per_layer", "num_heads_per_layer", "num_kv_heads_per_layer")
 
 
 def parse_model_config(mapping: Any, prefix: str = "config.model") -> ModelConfig:

@@ -25,7 +25,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, decode=False):
-    cfg = self.cfg
+    cfg = self.cfg.for_layer(self.layer)   # per-block d_ff / heads, if configured
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
     attention = registry.build("attention", cfg.attention, cfg, cfg.attention_options,
                                self.layer)
