@@ -1,0 +1,98 @@
+"""The compressed data-parallel train step on 8 fake devices: ratio 1 equals the plain
+step, bytes logged from the arrays sent, exact resume of the per-device state, errors."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config_dict
+from sparsejax.sparsity import gradient
+from sparsejax.train import data as data_lib
+from sparsejax.train.config import parse_config
+from sparsejax.train.metrics import read_metrics
+from sparsejax.train.trainer import Trainer, train
+from sparsejax.validation import ConfigError
+
+
+def _run(config, steps):
+  trainer = Trainer(config)
+  state = trainer.init_state()
+  it = iter(data_lib.make_dataset(config.data, "train", vocab_size=config.model.vocab_size))
+  for _ in range(steps):
+    state, metrics = trainer.train_step(state, trainer.global_batch(next(it)))
+  return state, jax.device_get(metrics)
+
+
+@pytest.mark.slow
+def test_ratio_one_gives_the_plain_step_params():
+  plain, plain_metrics = _run(parse_config(tiny_config_dict()), 3)
+  config = parse_config(tiny_config_dict(
+      train=dict(grad_compression=dict(method="topk_ef", ratio=1.0))))
+  dense, metrics = _run(config, 3)
+  chex.assert_trees_all_close(jax.device_get(dense.params), jax.device_get(plain.params),
+                              rtol=2e-5, atol=2e-6)
+  assert metrics["loss"] == pytest.approx(float(plain_metrics["loss"]), rel=1e-5)
+  assert metrics["comm_bytes"] == metrics["dense_bytes"]
+  # Nothing is left behind: every residual is zero.
+  assert all(np.all(np.asarray(r) == 0) for r in jax.tree.leaves(dense.grad_comm))
+
+
+def _expected_bytes(params, ratio):
+  sent = 0
+  for p in jax.tree.leaves(params):
+    k = gradient.num_kept(ratio, p.size)
+    sent += k * 8 if p.ndim >= 2 and k < p.size else p.size * 4
+  return sent, sum(p.size * 4 for p in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_train_logs_bytes_and_resumes_dgc_state_exactly(tmp_path):
+  config = parse_config(tiny_config_dict(
+      optim=dict(b1=0.0),
+      train=dict(grad_compression=dict(method="dgc", ratio=0.01, warmup_steps=4))))
+  straight = train(config, str(tmp_path / "straight"))
+  def stop_at_3(step, state):
+    if step == 3:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    train(config, str(tmp_path / "resumed"), hooks=[stop_at_3])
+  resumed = train(config, str(tmp_path / "resumed"))
+  chex.assert_trees_all_close(jax.device_get(resumed.state.params),
+                              jax.device_get(straight.state.params), rtol=0, atol=0)
+  chex.assert_trees_all_close(jax.device_get(resumed.state.grad_comm),
+                              jax.device_get(straight.state.grad_comm), rtol=0, atol=0)
+  # The per-device state differs between devices (each compressed its own gradient).
+  velocity = np.asarray(jax.tree.leaves(resumed.state.grad_comm["velocity"])[0])
+  assert velocity.shape[0] == 8 and not np.allclose(velocity[0], velocity[1])
+
+  records = [r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
+             if r["split"] == "train"]
+  sent, dense = _expected_bytes(straight.state.params, 0.01)
+  last = records[-1]
+  assert last["step"] == 6 and last["grad_ratio"] == pytest.approx(0.01)
+  assert last["comm_bytes"] == sent and last["dense_bytes"] == dense
+  assert last["compression"] == pytest.approx(dense / sent, rel=1e-6)
+  warm = records[0]    # step 2 ran with the second warm-up stage's ratio
+  assert warm["grad_ratio"] == pytest.approx(0.0625)
+  assert warm["comm_bytes"] == _expected_bytes(straight.state.params, 0.0625)[0]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(mesh=dict(data=2, fsdp=4)), r"grad_compression\.method='topk_ef' supports only "
+     r"a pure data-parallel mesh"),
+    (dict(optim=dict(b1=0.9), train=dict(grad_compression=dict(method="dgc"))),
+     r"config\.optim\.b1=0\.9 is invalid: must be 0 with "
+     r"config\.train\.grad_compression\.method='dgc'"),
+])
+def test_unsupported_settings_raise(overrides, match):
+  sections = {"train": dict(grad_compression=dict(method="topk_ef")), **overrides}
+  with pytest.raises(ConfigError, match=match):
+    Trainer(parse_config(tiny_config_dict(**sections)))
+
+
+def test_ratio_out_of_range_names_the_field():
+  with pytest.raises(ConfigError, match=r"config\.train\.grad_compression\.ratio=0\.0 "
+                     r"is invalid: must be in \(0, 1\]"):
+    parse_config(tiny_config_dict(train=dict(grad_compression=dict(method="topk_ef",
+                                                                    ratio=0.0))))
