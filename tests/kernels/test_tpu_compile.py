@@ -6,7 +6,8 @@ context), f32 and bf16, forward and backward (`jax.grad` of Σ out², so the bac
 kernels are compiled too). The XLA:TPU / Mosaic compilers check what interpret mode and
 `.lower(lowering_platforms=("tpu",))` cannot: tile alignment, matmul operand types,
 SMEM / VMEM allocation. Small shapes for every chip; the realistic shapes (256k-row
-memory table, 32k-token attention and NSA) are `slow`.
+memory table, 32k-token attention and NSA, a 4096 × 16384 block-sparse weight on 16k
+tokens) are `slow`.
 
 The op matrix uses `check_vma=False`, so that a Mosaic error is not hidden behind the
 shard_map type check; `test_kernel_under_checked_shard_map` compiles each op under the
@@ -20,11 +21,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax.ops import masks
+from sparsejax.ops.block_sparse_matmul import block_sparse_matmul
 from sparsejax.ops.memory import memory_lookup
 from sparsejax.ops.nsa import selected_attention
 from sparsejax.ops.sparse_attention import block_sparse_attention
@@ -76,8 +79,22 @@ def nsa_case(dtype, big: bool) -> Case:
               (q, kv, kv, *sel), (BTHD,) * 5, BTHD, {"data": 2, "tensor": 2})
 
 
+def block_sparse_matmul_case(dtype, big: bool) -> Case:
+  """x [rows, K] · W [K, N] stored as 128 × 128 blocks, 25% per column block (random
+  rows, seeded): dx and dW (the stored blocks) in the backward."""
+  k, n, rows = (4096, 16384, 16384) if big else (512, 1024, 1024)
+  nbr, nbc = k // 128, n // 128
+  rng = np.random.default_rng(0)
+  index = np.array([(r, c) for c in range(nbc)
+                    for r in np.sort(rng.choice(nbr, nbr // 4, replace=False))], np.int32)
+  return Case(lambda x, w: block_sparse_matmul(x, w, index, out_features=n, impl="pallas"),
+              (A((rows, k), dtype), A((len(index), 128, 128), dtype)), (ROWS, P()), ROWS,
+              {"data": 4})
+
+
 OPS = {
     "topk": topk_case,
+    "block_sparse_matmul": block_sparse_matmul_case,
     "memory_lookup": memory_case,
     "attention_causal": lambda dtype, big: attention_case(dtype, big, masks.CausalMask()),
     "attention_local": lambda dtype, big: attention_case(
