@@ -10,5 +10,7 @@ from sparsejax.ops.memory_sharded import memory_lookup_sharded
 from sparsejax.ops.product_keys import (implicit_value_expansion, pkm_retrieve, tdqkr_retrieve,
                                         tucker_rank_one, tucker_singular_value_loss)
 from sparsejax.ops.sparse_attention import block_sparse_attention
+from sparsejax.ops.block_sparse_matmul import (block_sparse_matmul, from_block_sparse,
+                                               to_block_sparse)
 from sparsejax.ops.masks import (And, CausalMask, ChunkedCausalMask, DocumentMask, GlobalMask,
                                  LocalMask, MultiHeadMask, Or, StridedMask, mask_info)
