@@ -75,6 +75,14 @@ def _on_value(fn: Callable[[jax.Array], jax.Array], leaf: Any) -> Any:
   return leaf.replace_boxed(fn(leaf.unbox())) if is_box(leaf) else fn(leaf)
 
 
+def _placed_like(x: jax.Array, like: Any) -> jax.Array:
+  """x with the sharding of `like` when that is a concrete array (eager use; inside
+  jit the caller's out_shardings place the state)."""
+  if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer):
+    return jax.device_put(x, like.sharding)
+  return x
+
+
 def apply_masks(params: Any, masks: dict[str, jax.Array]) -> Any:
   """params with every masked entry set to exactly 0 (names absent from `masks` are
   kept as they are; boxed params stay boxed)."""
@@ -222,7 +230,7 @@ class Sparsifier:
           return jnp.ones(w.shape, jnp.bool_)
         noise = jax.random.uniform(jax.random.fold_in(key, i), w.shape)
         return self.granularity.mask(name, noise, final[name])
-      masks[name] = _on_value(make, leaf)
+      masks[name] = _on_value(lambda w, make=make: _placed_like(make(w), w), leaf)
     return masks
 
   def wrap_optax(self, inner: optax.GradientTransformation
