@@ -1,9 +1,11 @@
 """Training-time and post-training sparsity: masks, density distributions, schedules,
-dynamic sparse training (SET, RigL) and one-shot pruning (magnitude, Wanda, SparseGPT)
-with its calibration statistics."""
+dynamic sparse training (SET, RigL), one-shot pruning (magnitude, Wanda, SparseGPT)
+with its calibration statistics, and gradient compression (top-k + error feedback, DGC)."""
 
 from sparsejax.sparsity.distributions import erk_densities, uniform_densities
 from sparsejax.sparsity.dst import rigl_update, set_update
+from sparsejax.sparsity.gradient import (GradCompressionConfig, dgc_accumulate,
+                                        error_feedback, topk_compress)
 from sparsejax.sparsity.hessian import accumulate_act_sqnorm, accumulate_hessian, psum_hessian
 from sparsejax.sparsity.masks import block_mask, channel_mask, nm_mask, topk_mask
 from sparsejax.sparsity.posttrain import magnitude_mask, sparsegpt_prune, wanda_mask
