@@ -64,16 +64,12 @@ ATTENTIONS = ("mha", "block_sparse")
 FFNS = ("swiglu", "relu2_glu", "relu2", "moe")
 SCORES = ("magnitude",)
 
-# Unit-carrying tensors of a component: {name under the component: unit axis}.
+# Unit-carrying tensors of a component: {name under the component: unit axis} (those
+# a component lacks, e.g. relu2's gate_proj or the biases without qkv_bias, are skipped).
 GLU_UNITS = {"gate_proj/kernel": 1, "up_proj/kernel": 1, "down_proj/kernel": 0}
 EXPERT_UNITS = {"w_gate": 2, "w_up": 2, "w_down": 1}          # axis 0: the expert
 QUERY_UNITS = {"q_proj/kernel": 1, "o_proj/kernel": 0, "q_bias": 0}
 KV_UNITS = {"k_proj/kernel": 1, "v_proj/kernel": 1, "k_bias": 0, "v_bias": 0}
-
-
-def _ffn_units(model: ModelConfig) -> dict[str, int]:
-  return {k: v for k, v in GLU_UNITS.items()
-          if model.ffn != "relu2" or not k.startswith("gate")}
 
 
 def _check_model(model: ModelConfig) -> None:
@@ -133,10 +129,10 @@ def _ffn_width(model, layer, params, masks, keep) -> int:
   for MoE)."""
   prefix = f"block_{layer}/ffn"
   if model.ffn != "moe":
-    kept = _agreed(prefix, _ffn_units(model), params, masks)
+    kept = _agreed(prefix, GLU_UNITS, params, masks)
     width = params[f"{prefix}/up_proj/kernel"].shape[1]
     kept = np.ones(width, bool) if kept is None else kept
-    keep.update({f"{prefix}/{n}": (a, kept) for n, a in _ffn_units(model).items()})
+    keep.update({f"{prefix}/{n}": (a, kept) for n, a in GLU_UNITS.items()})
     return _nonzero(int(kept.sum()), f"{prefix} (FFN channels)")
   experts = _agreed(prefix, EXPERT_UNITS, params, masks, batch=(0,))
   experts = (np.ones(params[f"{prefix}/w_up"].shape[::2], bool) if experts is None
@@ -338,10 +334,10 @@ def channel_masks(params: Any, model_config: ModelConfig, density: float, *,
         kept = keep_top_k(_unit_scores(flat, f"{prefix}/shared", GLU_UNITS), k)
         masks.update(_unit_masks(flat, f"{prefix}/shared", GLU_UNITS, kept))
     else:
-      scores = _unit_scores(flat, prefix, _ffn_units(model_config))
+      scores = _unit_scores(flat, prefix, GLU_UNITS)
       k = _count(density, scores.size, f"of the {prefix} channels")
       kept = keep_top_k(scores, k)
-      masks.update(_unit_masks(flat, prefix, _ffn_units(model_config), kept))
+      masks.update(_unit_masks(flat, prefix, GLU_UNITS, kept))
     prefix = f"block_{layer}/attention"
     groups = _unit_scores(flat, prefix, KV_UNITS)
     query = _unit_scores(flat, prefix, QUERY_UNITS).reshape(groups.size, -1)
