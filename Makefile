@@ -5,12 +5,14 @@
 # `make device-check`: on a TPU / NVIDIA GPU, every Pallas kernel compiled vs its XLA
 # reference, timed against the chip's roofline (experiments/device_check.py; sized for
 # < 8 min; flags via ARGS, e.g. `make device-check ARGS=--quick`).
+# `make aot-deps`: libtpu into .venv/libtpu, to compile for TPU pods on this machine
+# (experiments/aot_compile.py, docs/scaling.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 
-.PHONY: run test test-fast compare device-check clean
+.PHONY: run test test-fast compare device-check aot-deps clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,10 @@ test-fast: $(VENV)/.installed-test
 
 device-check: $(VENV)/.installed
 	$(PY) experiments/device_check.py $(ARGS)
+
+aot-deps: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/libtpu \
+	  "$$($(PY) -c 'from sparsejax.scaling.tpu import libtpu_requirement as r; print(r())')"
 
 clean:
 	rm -rf $(VENV) workdir

@@ -13,6 +13,7 @@ The experiment scripts import this package as `configs` (their directory is on
 
     configs.load("moe_shared")                        # a file of this directory
     configs.load("ultramem_ablation:tdqkr")           # get_config("tdqkr"), like absl
+    configs.load("scale/moe:8b")                      # a subfolder's config
     configs.load("experiments/configs/nsa.py")        # or any path
 """
 
@@ -27,18 +28,23 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def names() -> tuple[str, ...]:
-  """The config files of this directory, without ".py"."""
-  return tuple(sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                      if f.endswith(".py") and f != "__init__.py"))
+  """The config files of this directory and its subfolders (e.g. "scale/moe"), without
+  ".py"."""
+  found = []
+  for folder, dirs, files in os.walk(CONFIG_DIR):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+    rel = os.path.relpath(folder, CONFIG_DIR)
+    found += [os.path.normpath(os.path.join(rel, f[:-3])).replace(os.sep, "/")
+              for f in files if f.endswith(".py") and f != "__init__.py"]
+  return tuple(sorted(found))
 
 
 def path(name_or_path: str) -> str:
-  """The file of config `name_or_path`: a name of this directory ("moe", "moe.py") or
-  a path to a config file."""
-  if os.sep in name_or_path or "/" in name_or_path:
+  """The file of config `name_or_path`: a name of this directory or a subfolder
+  ("moe", "moe.py", "scale/moe") or a path to a config file."""
+  file = os.path.join(CONFIG_DIR, name_or_path.removesuffix(".py") + ".py")
+  if not os.path.isfile(file):
     file = name_or_path
-  else:
-    file = os.path.join(CONFIG_DIR, name_or_path.removesuffix(".py") + ".py")
   if not os.path.isfile(file):
     raise ValueError(f"config {name_or_path!r} must be a file or one of {names()}")
   return file
