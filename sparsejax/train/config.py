@@ -13,6 +13,7 @@ from typing import Any
 from sparsejax import validation
 from sparsejax.models.config import ModelConfig
 from sparsejax.sharding import MeshConfig
+from sparsejax.sparsity.config import SparsityConfig
 from sparsejax.sparsity.gradient import GradCompressionConfig
 from sparsejax.train.data import DataConfig
 from sparsejax.train.optim import OptimConfig
@@ -58,6 +59,7 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  sparsity: SparsityConfig = SparsityConfig()   # training-time sparsity; off by default
 
   def validate(self, prefix: str = "config") -> None:
     check(self.model.vocab_size >= 256 or bool(self.data.path)

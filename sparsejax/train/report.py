@@ -53,6 +53,29 @@ def plot_loss_curve(metrics_path: str, out_path: str, title: str = "") -> str:
       ylabel="cross-entropy (nats / token)")
 
 
+def sparsity_lines(metrics_path: str) -> list[str]:
+  """The report's "Sparsity" section from the last train record that has the
+  sparsifier's metrics (`Trainer.sparsity_metrics`); [] for a dense run."""
+  records = [r for r in read_metrics(metrics_path)
+             if r["split"] == "train" and "sparsity/density" in r]
+  if not records:
+    return []
+  last = records[-1]
+  prefix = "sparsity/density/"
+  saving = lambda key: f"{last[key]:.1%}" if key in last else "n/a"
+  lines = ["## Sparsity", "",
+           f"At step {last['step']}: overall density {last['sparsity/density']:.4f} of "
+           f"the masked tensors, {int(last['sparsity/pruned']):,} weights pruned; "
+           f"parameters saved {saving('sparsity/param_saving')}, forward FLOPs per "
+           f"token saved {saving('sparsity/flops_saving')}; "
+           f"{int(last['sparsity/mask_changes']):,} mask entries changed at the last "
+           "mask update.", "",
+           "| tensor | density |", "|---|---:|"]
+  lines += [f"| `{key[len(prefix):]}` | {value:.4f} |" for key, value in last.items()
+            if key.startswith(prefix)]
+  return [*lines, ""]
+
+
 def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
                  num_params: int, sample_prompt: str, sample: str) -> str:
   """Writes workdir/report.md and workdir/loss_curve.png; returns the report path."""
@@ -77,6 +100,7 @@ def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
       f"| {metrics['step']} | {metrics['loss']:.4f} | {format_bpb(metrics['bpb'])} | "
       f"{metrics.get('tokens_per_s', 0):,.0f} |",
       "", "![loss curve](loss_curve.png)", "",
+      *sparsity_lines(os.path.join(workdir, "metrics.jsonl")),
       "## Sample", "", f"Prompt `{sample_prompt!r}`, temperature 0.8, top-p 0.95:", "",
       "```", sample_prompt + sample, "```", ""]
   path = os.path.join(workdir, "report.md")

@@ -36,7 +36,9 @@ import optax
 
 from sparsejax import sharding
 from sparsejax.interop import hf
-from sparsejax.models import DecoderLM
+from sparsejax.models import DecoderLM, accounting
+from sparsejax.sparsity.param_filter import named_leaves
+from sparsejax.sparsity.sparsifier import Sparsifier, apply_masks
 from sparsejax.train import compressed_step
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import (CheckpointError, Checkpointer,
@@ -69,6 +71,14 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(
         config.optim, config.train.num_steps,
         extra_multipliers=config.model.lr_multipliers(config.train.num_steps))
+    check(not (config.sparsity.enabled and config.train.grad_compression.enabled),
+          "config.sparsity.algorithm", config.sparsity.algorithm,
+          "'none' with config.train.grad_compression (its step does not run the "
+          "masked forward)")
+    self.sparsifier = (Sparsifier(config.sparsity, config.train.num_steps, self.schedule)
+                       if config.sparsity.enabled else None)
+    if self.sparsifier is not None:   # masks live in the optimizer state
+      self.tx = self.sparsifier.wrap_optax(self.tx)
     rng = jax.random.key(0)   # before the mesh: AOT (compile-only) meshes hold no arrays
     with self.activate():
       boxed = jax.eval_shape(self._init_boxed, rng)
@@ -98,6 +108,7 @@ class Trainer:
 
   def _init_boxed(self, rng: jax.Array) -> TrainState:
     params, model_state = split_variables(self.model.init(rng, self._example_tokens()))
+    params = self._sparse_start(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), model_state=model_state,
                       grad_comm=self._grad_comm(params))
@@ -124,15 +135,53 @@ class Trainer:
 
   def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-    (loss, (ce, aux, model_state, sown)), grads = grad_fn(state.params,
+    (loss, (ce, aux, model_state, sown)), grads = grad_fn(self.forward_params(state),
                                                           state.model_state, batch)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "ce": ce, "aux_loss": aux,
                "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step),
-               **sown}
+               **sown, **self.sparsity_metrics(opt_state)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
+
+  def _sparse_start(self, params: Any) -> Any:
+    """params with the sparsifier's initial masks applied (pruned entries 0)."""
+    if self.sparsifier is None:
+      return params
+    return apply_masks(params, self.sparsifier.init_masks(params))
+
+  def forward_params(self, state: TrainState) -> Any:
+    """The weights the forward pass uses: the masked weights w ⊙ m when sparsity is
+    on (their gradient is the dense gradient w.r.t. them: straight-through for STE,
+    the effective-weight gradient RigL grows by), else the params."""
+    if self.sparsifier is None:
+      return state.params
+    return self.sparsifier.pre_forward(state.params, state.opt_state)
+
+  def sparsity_metrics(self, opt_state: Any) -> dict[str, jax.Array]:
+    """The sparsifier's densities and mask changes (`Sparsifier.metrics`) plus
+    "sparsity/param_saving" (pruned / all params) and "sparsity/flops_saving" (the
+    pruned multiply-adds' share of the forward FLOPs per token,
+    `models.accounting.flops_per_token`; a routed tensor's pruned entries count at
+    the fraction a token reads: top_k / num_experts, heads·knn / rows); {} when off."""
+    if self.sparsifier is None:
+      return {}
+    metrics = self.sparsifier.metrics(opt_state)
+    params = self.abstract_state.params
+    sizes = {name: leaf.size for name, leaf in named_leaves(params)}
+    routed = accounting.routed_params(self.config.model, params)
+    pruned = {name: (1 - metrics[f"sparsity/density/{name}"]) * sizes[name]
+              for name in self.sparsifier.masks(opt_state)}
+    metrics["sparsity/param_saving"] = sum(pruned.values()) / sum(sizes.values())
+    try:
+      flops = accounting.flops_per_token(self.config.model, self.config.data.seq_len)
+    except ValueError:   # a component without a FLOP formula
+      return metrics
+    read = {name: r.per_token / r.units for name, r in routed.items()}
+    metrics["sparsity/flops_saving"] = sum(
+        2 * p * read.get(name, 1.0) for name, p in pruned.items()) / flops
+    return metrics
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch {"inputs","targets": int32 [B, T]}."""
@@ -140,7 +189,8 @@ class Trainer:
       return self._train_step(state, batch)
 
   def _eval(self, state: TrainState, batch: dict) -> dict[str, jax.Array]:
-    logits, sown = self.model.apply({"params": state.params, **state.model_state},
+    logits, sown = self.model.apply({"params": self.forward_params(state),
+                                     **state.model_state},
                                     batch["inputs"], mutable=["metrics"])
     return {"loss": cross_entropy(logits, batch["targets"]),
             **sown_metrics(sown.get("metrics", {}))}
@@ -166,6 +216,7 @@ class Trainer:
   def state_from_params(self, params: Any, model_state: Any | None = None) -> TrainState:
     """A step-0 state around given params (fresh optimizer state), placed sharded."""
     def build(params, model_state):
+      params = self._sparse_start(params)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=self.tx.init(params), model_state=model_state,
                         grad_comm=self._grad_comm(params))
@@ -273,7 +324,7 @@ def _check_resumable(saved: dict, current: dict, workdir: str) -> None:
   """Raises ConfigError naming the fields if the run in `workdir` has another model
   or data config (a resume must continue the same model on the same data)."""
   changes = config_changes(saved, current)
-  for section in ("model", "data"):
+  for section in ("model", "data", "sparsity"):
     refused = [f"{k}={a!r}, now {b!r}" for k, (a, b) in changes.items()
                if k.startswith(f"config.{section}.")
                and k not in _RESUME_FREE_MODEL_FIELDS]
