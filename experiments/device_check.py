@@ -20,7 +20,10 @@ public op, impl="pallas" (compiled: Mosaic on TPU, Triton on GPU) against impl="
   nsa        `selected_attention(q, k, v, block_idx, valid, 64)` (NSA selection branch)
              with block_idx/valid from `select_blocks` (n = 16 of 64-token blocks, one
              initial and two local blocks forced) on random scores, T = S = 4096, Hq 8,
-             Hkv 2, D 128, f32 and bf16.
+             Hkv 2, D 128, f32 and bf16;
+  sparse_matmul  `block_sparse_matmul(x, w_blocks, block_index)`, x [8192, 8192] ·
+             W [8192, 8192] stored as 128 × 128 blocks at 25% density (the balanced
+             random pattern of the "block_sparse" linear), f32 and bf16.
 
 Each case is checked forward (the primal program) and through `jax.vjp` (the forward
 output again plus every input gradient) against the XLA reference traced under
@@ -95,7 +98,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from anywhere: sparsejax, pallas_kernels
   sys.path.insert(0, REPO)
 
+from sparsejax.layers.block_sparse_linear import block_pattern  # noqa: E402
 from sparsejax.ops import masks as masks_lib  # noqa: E402
+from sparsejax.ops.block_sparse_matmul import block_sparse_matmul  # noqa: E402
 from sparsejax.ops.memory import memory_lookup  # noqa: E402
 from sparsejax.ops.nsa import select_blocks, selected_attention  # noqa: E402
 from sparsejax.ops.sparse_attention import block_sparse_attention  # noqa: E402
@@ -105,9 +110,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_log import RESULTS_MD, git_commit  # noqa: E402  (sibling modules)
 from timing import time_methods  # noqa: E402
 
-KERNELS = ("topk", "memory", "attention", "nsa")
+KERNELS = ("topk", "memory", "attention", "nsa", "sparse_matmul")
 KERNEL_MODULES = ("pallas_kernels.topk", "pallas_kernels.memory_lookup",
                   "pallas_kernels.block_sparse_attention", "pallas_kernels.nsa",
+                  "pallas_kernels.block_sparse_matmul", "sparsejax.ops.block_sparse_matmul",
                   "sparsejax.ops.topk", "sparsejax.ops.memory",
                   "sparsejax.ops.sparse_attention", "sparsejax.ops.nsa")
 TOLERANCE = {"float32": 2e-4, "bfloat16": 2e-2}
@@ -190,12 +196,15 @@ class Case(NamedTuple):
 
 SIZES = {   # per kernel, for full / --quick / --interpret runs
     "full": dict(topk=(8192, 4096), memory=(262144, 256, 8192, 32),
-                 attention=(1, 8192, 8, 2, 128, None), nsa=(1, 4096, 8, 2, 128, 64, 16)),
+                 attention=(1, 8192, 8, 2, 128, None), nsa=(1, 4096, 8, 2, 128, 64, 16),
+                 sparse_matmul=(8192, 8192, 8192, 128, 0.25)),
     "quick": dict(topk=(2048, 4096), memory=(65536, 256, 2048, 32),
                   attention=(1, 2048, 8, 2, 128, None),
-                  nsa=(1, 1024, 8, 2, 128, 64, 16)),
+                  nsa=(1, 1024, 8, 2, 128, 64, 16),
+                  sparse_matmul=(2048, 4096, 4096, 128, 0.25)),
     "tiny": dict(topk=(8, 256), memory=(64, 128, 8, 4),
-                 attention=(1, 128, 2, 1, 16, 32), nsa=(1, 64, 2, 1, 16, 16, 2)),
+                 attention=(1, 128, 2, 1, 16, 32), nsa=(1, 64, 2, 1, 16, 16, 2),
+                 sparse_matmul=(16, 256, 256, 128, 0.5)),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -314,8 +323,32 @@ def nsa_cases(key, size) -> list[Case]:
   return cases
 
 
+def sparse_matmul_cases(key, size) -> list[Case]:
+  """x [M, K] · W [K, N] stored as (blk × blk) blocks, `density` of the row blocks of
+  every column block. Roofline: FLOPs 2·M·nnz·blk² forward, twice that backward (dx,
+  d w_blocks); bytes forward stored blocks + x + y, backward x, dy and the blocks read,
+  dx and d w_blocks written."""
+  m, k, n, blk, density = size
+  index = block_pattern((k, n), (blk, blk), density, "random", 0, "device_check")
+  stored = len(index) * blk * blk
+  op = lambda x, w, impl: block_sparse_matmul(x, w, index, out_features=n, impl=impl)
+  cases = []
+  for dtype in ("float32", "bfloat16"):
+    key, kx, kw = jax.random.split(key, 3)
+    dt, b = DTYPES[dtype], jnp.dtype(dtype).itemsize
+    w_blocks = (_normal(kw, (len(index), blk, blk), jnp.float32)
+                / math.sqrt(k * density)).astype(dt)
+    cases.append(Case(
+        "sparse_matmul", f"x[{m},{k}] W[{k},{n}] {blk}x{blk} d={density:g}", dtype, op,
+        (_normal(kx, (m, k), dt), w_blocks), (0, 1), ("dx", "dw_blocks"),
+        dict(M=m, K=k, N=n, block=blk, density=density, nnz_blocks=len(index)),
+        (stored + m * (k + n)) * b, (2 * stored + m * (2 * k + n)) * b,
+        2 * m * stored, 4 * m * stored))
+  return cases
+
+
 BUILDERS = {"topk": topk_cases, "memory": memory_cases, "attention": attention_cases,
-            "nsa": nsa_cases}
+            "nsa": nsa_cases, "sparse_matmul": sparse_matmul_cases}
 
 
 # -------------------------------------------------------------------------- checking

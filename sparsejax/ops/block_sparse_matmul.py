@@ -41,6 +41,7 @@ blocks) + M·K·b (x) + M·N·b (y).
 from __future__ import annotations
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
@@ -107,7 +108,11 @@ def from_block_sparse(w_blocks, block_index, shape: tuple[int, int]) -> jax.Arra
 
 
 def _check_format(w_blocks, block_index):
-  w_blocks, block_index = jnp.asarray(w_blocks), jnp.asarray(block_index)
+  """(w_blocks, int32 block_index), the index kept NumPy when it is concrete (a jnp
+  op inside jit would make it a tracer)."""
+  w_blocks = jnp.asarray(w_blocks)
+  known = _concrete(block_index)
+  block_index = jnp.asarray(block_index) if known is None else known
   if w_blocks.ndim != 3:
     raise ValueError(f"w_blocks must be 3-D [nnz, bh, bw], got shape {w_blocks.shape}")
   if not jnp.issubdtype(block_index.dtype, jnp.integer):
@@ -116,7 +121,7 @@ def _check_format(w_blocks, block_index):
     raise ValueError(f"block_index has shape {block_index.shape}; expected "
                      f"({w_blocks.shape[0]}, 2) (row block, column block per stored "
                      "block)")
-  return w_blocks, block_index.astype(jnp.int32)
+  return w_blocks, block_index.astype(np.int32)
 
 
 def _concrete(a) -> np.ndarray | None:
@@ -170,9 +175,9 @@ def block_tables(block_index, shape: tuple[int, int], block: tuple[int, int], *,
   row_counts [nbr]; block_rows / block_cols (clamped into the grid) and block_valid
   [nnz]. Widths: see the module docstring."""
   nbr, nbc = block_grid(shape, block)
-  block_index = jnp.asarray(block_index).astype(jnp.int32)
-  r, c = block_index[:, 0], block_index[:, 1]
   known = _concrete(block_index)
+  block_index = jnp.asarray(block_index, jnp.int32)
+  r, c = block_index[:, 0], block_index[:, 1]
   col_counts = row_counts = None
   if known is not None:
     kr, kc = known[:, 0], known[:, 1]
@@ -210,6 +215,18 @@ def check_block_index(block_index, shape, block, max_blocks_per_col=None,
                      f"stored blocks, over {name}={bound}", most=most)
 
 
+def _tables(block_index, shape, block, max_per_col, max_per_row):
+  """`block_tables`, evaluated now (constants of the program) for a concrete index;
+  behind an optimization barrier for a traced one, so that XLA does not fuse (and
+  recompute per gathered element) the sort and scatters that build them."""
+  build = lambda: block_tables(block_index, shape, block, max_blocks_per_col=max_per_col,
+                               max_blocks_per_row=max_per_row)
+  if _concrete(block_index) is not None:
+    with jax.ensure_compile_time_eval():
+      return jax.tree.map(np.asarray, build())
+  return lax.optimization_barrier(build())
+
+
 # ----------------------------------------------------------------------------- XLA path
 
 def _dot(spec, a, b):
@@ -222,12 +239,18 @@ def _gather_blocks(w_blocks, slots, counts):
   return jnp.where(live[..., None, None], w_blocks[slots], jnp.zeros((), w_blocks.dtype))
 
 
+def _lines(a, n: int, b: int):
+  """a [M, n·b] -> [n, M, b]: one [M, b] slab per block line (gathers whole slabs)."""
+  return a.reshape(a.shape[0], n, b).transpose(1, 0, 2)
+
+
 def _xla_forward(x, w_blocks, t):
   m, (bh, bw) = x.shape[0], w_blocks.shape[1:]
   nbr, nbc = t["row_counts"].shape[0], t["col_counts"].shape[0]
-  xg = x.reshape(m, nbr, bh)[:, t["col_rows"]]                  # [M, nbc, Mc, bh]
-  wg = _gather_blocks(w_blocks, t["col_slots"], t["col_counts"])
-  return _dot("mjsk,jskc->mjc", xg, wg).astype(x.dtype).reshape(m, nbc * bw)
+  xg = _lines(x, nbr, bh)[t["col_rows"]]                        # [nbc, Mc, M, bh]
+  wg = _gather_blocks(w_blocks, t["col_slots"], t["col_counts"])  # [nbc, Mc, bh, bw]
+  y = _dot("jsmk,jskc->jmc", xg, wg).astype(x.dtype)            # batched over columns
+  return y.transpose(1, 0, 2).reshape(m, nbc * bw)
 
 
 @jax.custom_vjp
@@ -243,13 +266,12 @@ def _xla_bwd(res, dy):
   x, w_blocks, t = res
   m, (bh, bw) = x.shape[0], w_blocks.shape[1:]
   nbr, nbc = t["row_counts"].shape[0], t["col_counts"].shape[0]
-  dyb = dy.astype(x.dtype).reshape(m, nbc, bw)
+  dyl = _lines(dy.astype(x.dtype), nbc, bw)                       # [nbc, M, bw]
   wg = _gather_blocks(w_blocks, t["row_slots"], t["row_counts"])  # [nbr, Mr, bh, bw]
-  dx = _dot("mrsc,rskc->mrk", dyb[:, t["row_cols"]], wg).astype(x.dtype)
-  xb = x.reshape(m, nbr, bh)[:, t["block_rows"]]                  # [M, nnz, bh]
-  dw = _dot("mbk,mbc->bkc", xb, dyb[:, t["block_cols"]])
+  dx = _dot("rsmc,rskc->rmk", dyl[t["row_cols"]], wg).astype(x.dtype)
+  dw = _dot("bmk,bmc->bkc", _lines(x, nbr, bh)[t["block_rows"]], dyl[t["block_cols"]])
   dw = jnp.where(t["block_valid"][:, None, None] != 0, dw, 0.0).astype(w_blocks.dtype)
-  return dx.reshape(m, nbr * bh), dw, None
+  return dx.transpose(1, 0, 2).reshape(m, nbr * bh), dw, None
 
 
 _xla_matmul.defvjp(_xla_fwd, _xla_bwd)
@@ -312,8 +334,7 @@ def block_sparse_matmul(x: jax.Array, w_blocks: jax.Array, block_index, *,
   if x.size == 0 or w_blocks.shape[0] == 0:
     check_impl(impl)
     return jnp.zeros((*lead, n), x.dtype)
-  t = block_tables(block_index, (k, n), block, max_blocks_per_col=max_blocks_per_col,
-                   max_blocks_per_row=max_blocks_per_row)
+  t = _tables(block_index, (k, n), block, max_blocks_per_col, max_blocks_per_row)
   unmet = None
   if impl != "xla":
     from pallas_kernels.block_sparse_matmul import kernel_unmet  # lazy: optional
