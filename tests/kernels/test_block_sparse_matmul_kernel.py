@@ -199,3 +199,28 @@ def test_lowering_forward_and_backward(backend, platform, target, dtype):
   text = lowered.as_text()
   for name in ("fwd", "dx", "dw"):
     assert f"block_sparse_matmul_{name}_{backend}" in text, name
+
+
+def test_tpu_compiles_with_tables_split_into_several_calls():
+  """libtpu AOT (tests/tpu_aot.py): with a table budget of one column (row) block and
+  two stored blocks per call, the forward, dx and dw calls run inside `lax.map` and
+  still compile with Mosaic for v5e."""
+  import tpu_aot  # tpu_mesh skips (with its reason) only when libtpu is missing
+  from jax.sharding import PartitionSpec as P
+  mesh = tpu_aot.tpu_mesh("v5e:2x2", {"data": 4})
+  k, n, block = 512, 768, (128, 128)
+  index = random_pattern(np.random.default_rng(1), k, n, block, extra=False)
+  tables = tables_of(index, k, n, block)
+  budget = 4 * (2 * max(tables.col_rows.shape[1], tables.row_cols.shape[1]) + 1)
+  assert table_chunk(n // 128, tables.col_rows.shape[1], budget) == 1
+
+  def loss(x, w):
+    y = block_sparse_matmul_kernel(x, w, tables, backend="tpu", smem_table_bytes=budget)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  fn = jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=(P("data"), P()),
+                     out_specs=(P("data"), P()), check_vma=False)
+  compiled = tpu_aot.compile_for_tpu(
+      fn, jax.ShapeDtypeStruct((256, k), jnp.bfloat16),
+      jax.ShapeDtypeStruct((len(index), *block), jnp.bfloat16), mesh=mesh)
+  assert compiled.hlo.count('custom_call_target="tpu_custom_call"') >= 3
