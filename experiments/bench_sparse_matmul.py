@@ -77,7 +77,8 @@ _RECORD = flags.DEFINE_bool("record", False, "Append a section to benchmarks/RES
 
 
 def programs(method: str, n: int, index, impl_fwd: bool):
-  """jitted fn(x, w) -> y (impl_fwd) or (y, dx, dw) through jax.vjp with ct = 1."""
+  """jitted fn(x, w) -> y (impl_fwd), or fn(x, w, ct) -> (y, dx, dw) through jax.vjp
+  (the cotangent an argument: a constant one would be folded into the program)."""
   if method == "dense":
     fwd = lambda x, w: x @ w
   else:
@@ -85,9 +86,9 @@ def programs(method: str, n: int, index, impl_fwd: bool):
   if impl_fwd:
     return jax.jit(fwd)
 
-  def fwd_bwd(x, w):
+  def fwd_bwd(x, w, ct):
     y, vjp = jax.vjp(fwd, x, w)
-    return (y, *vjp(jnp.ones_like(y)))
+    return (y, *vjp(ct))
   return jax.jit(fwd_bwd)
 
 
@@ -131,8 +132,9 @@ def run(*, rows, k, n, block, densities, dtypes, backward, repeats, min_sample_m
   records = []
   for dname in dtypes:
     dtype = DTYPES[dname]
-    key, kx = jax.random.split(key)
+    key, kx, kc = jax.random.split(key, 3)
     x = jax.random.normal(kx, (rows, k), dtype)
+    ct = jax.random.normal(kc, (rows, n), dtype)
     for density in densities:
       index = block_pattern((k, n), block, density, "random", seed, "bench")
       key, kw = jax.random.split(key)
@@ -143,13 +145,14 @@ def run(*, rows, k, n, block, densities, dtypes, backward, repeats, min_sample_m
       passes = [("fwd", True)] + ([("fwd+bwd", False)] if backward else [])
       for pass_, fwd_only in passes:
         fns = {m: programs(m, n, index, fwd_only) for m in methods}
+        pass_args = args if fwd_only else {m: (*a, ct) for m, a in args.items()}
         if fwd_only:
           for m in methods[1:]:
             err = rel_err(fns[m](*args[m]), want)
             if not err <= TOLERANCE[dname]:
               raise AssertionError(f"{m} (density {density}, {dname}) disagrees with "
                                    f"dense: max error {err:.3g}")
-        samples = time_methods(fns, args, repeats, min_sample_ms / 1e3)
+        samples = time_methods(fns, pass_args, repeats, min_sample_ms / 1e3)
         t_dense = float(np.median(samples["dense"]))
         b = jnp.dtype(dtype).itemsize
         for m, ts in samples.items():
