@@ -39,6 +39,7 @@ from sparsejax import sharding
 from sparsejax.interop import HFCheckpointError, HFConfigError, load_hf, save_hf
 from sparsejax.models import DecoderLM
 from sparsejax.sparsity import calibration
+from sparsejax.sparsity.compress import export_compressed
 from sparsejax.sparsity.prune_model import PruneSettings, prune_model, summary
 from sparsejax.train import data as data_lib
 from sparsejax.train import tokenizer as tokenizer_lib
@@ -76,6 +77,8 @@ _EVAL_SEQ_LEN = flags.DEFINE_integer("eval_seq_len", 0, "Evaluation window (0: "
 _OUT = flags.DEFINE_string("out", "", "Output directory for the pruned model and report.")
 _OUT_FORMAT = flags.DEFINE_enum("out_format", "auto", ["auto", "run", "hf"],
                                 "auto: a run dir from --workdir, HF from --hf_path.")
+_COMPRESS = flags.DEFINE_bool("compress", False, "With --nm and --out: also write "
+                              "compressed.npz (N:M values + uint8 positions).")
 _RECORD = flags.DEFINE_bool("record", False, "Run the method x pattern x seed table and "
                             "append it to --results.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File --record "
@@ -211,6 +214,9 @@ def write_report(out_dir: str, report: dict) -> str:
   lines += ["", f"{s['zeros']:,} of {s['weights']:,} weights pruned "
             f"({s['sparsity']:.2%}) in {s['matrices']} matrices.",
             f"Unrouted experts (pruned by magnitude): {s['unrouted_experts'] or 'none'}",
+            *([f"Compressed N:M export: {report['compressed']['dense_bytes']:,} -> "
+               f"{report['compressed']['compressed_bytes']:,} bytes"]
+              if "compressed" in report else []),
             "", "| matrix | [in, out] | method | tokens | sparsity | rel. error "
             "‖XW−XŴ‖²/‖XW‖² | s |", "|---|---|---|---|---|---|---|"]
   for row in report["layers"]:
@@ -312,6 +318,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   nm = parse_nm(_NM.value)
   settings_for(_METHOD.value, _SPARSITY.value, nm).validate()
+  check(not _COMPRESS.value or (nm is not None and _OUT.value), "--compress", True,
+        "used with --nm and --out")
   mesh = sharding.make_mesh()
   source = load_source(mesh)
   calib_tokens = text_tokens(source, _CALIB.value, "train", "--calib")
@@ -329,6 +337,15 @@ def main(argv):
         f"{report['summary']['seconds']:.1f} s")
   if _OUT.value:
     fmt = save_model(source, result.params, _OUT.value)
+    if _COMPRESS.value:
+      matrices = {row["name"]: tuple(row["shape"]) for row in result.layers
+                  if row["name"].startswith("block_")}
+      host_params = jax.tree.map(np.asarray, result.params)
+      report["compressed"] = export_compressed(
+          os.path.join(_OUT.value, "compressed.npz"), host_params, matrices, nm=nm)
+      c = report["compressed"]
+      print(f"compressed.npz: pruned matrices {c['dense_bytes']:,} -> "
+            f"{c['compressed_bytes']:,} bytes ({c['saved_bytes']:,} saved)")
     path = write_report(_OUT.value, report)
     print(f"wrote the pruned model ({fmt}) to {_OUT.value}; report: {path}")
 
