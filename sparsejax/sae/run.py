@@ -17,6 +17,7 @@ raises KeyboardInterrupt; a second one stops at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from sparsejax.train.state import TrainState
 from sparsejax.train.tokenizer import BYTES
 from sparsejax.train.trainer import (_DeferredInterrupt, _is_deleted, _prepare_workdir,
                                      config_changes, restore_run)
-from sparsejax.validation import ConfigError
+from sparsejax.validation import ConfigError, check
 
 
 @dataclasses.dataclass
@@ -96,12 +97,12 @@ class SAEResult:
   metrics: dict[str, float]   # the final evaluation, with "step"
 
 
-def evaluate(trainer: SAETrainer, lm: LanguageModel, state: TrainState, site: str,
+def evaluate(run, lm: LanguageModel, state: TrainState, mesh: jax.sharding.Mesh,
              num_batches: int) -> dict[str, float]:
-  """Mean val metrics over the first `num_batches` val batches (the same each time)."""
-  run = trainer.eval_fn(lm.model, site)
+  """Mean val metrics (`SAETrainer.eval_fn`'s `run`) over the first `num_batches` val
+  batches (the same each time)."""
   val = iter(data_lib.make_dataset(lm.data, "val", vocab_size=lm.model.cfg.vocab_size))
-  rows = [jax.device_get(run(lm.variables, {k: jnp.asarray(v) for k, v in next(val).items()},
+  rows = [jax.device_get(run(lm.variables, sharding.global_batch(next(val), mesh),
                              state)) for _ in range(num_batches)]
   out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
   out["delta_ce"] = out["ce_sae"] - out["ce_clean"]
@@ -115,8 +116,10 @@ def _activations(lm: LanguageModel, trainer: SAETrainer, site: str, tokens: Iter
                  ) -> Iterator[jax.Array]:
   run = capture_fn(lm.model, site)
   while True:
+    batch = sharding.global_batch(next(tokens), trainer.mesh)["inputs"]
     with trainer.activate():
-      yield run(lm.variables, jnp.asarray(next(tokens)["inputs"]))
+      x = run(lm.variables, batch)
+    yield x
 
 
 def train_sae(config: RunConfig, workdir: str) -> SAEResult:
@@ -127,6 +130,9 @@ def train_sae(config: RunConfig, workdir: str) -> SAEResult:
   cfg, site = config.train, config.source.site
   _prepare_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
+  ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  check(config.source.batch_size % ways == 0, "config.source.batch_size",
+        config.source.batch_size, f"divisible by the {ways} data-parallel devices")
   lm = load_lm(config.source, mesh)
   tokens = iter(data_lib.make_dataset(lm.data, "train", vocab_size=lm.model.cfg.vocab_size))
   trainer = SAETrainer(config.sae, config.optim, lm.model.cfg.d_model, mesh)
@@ -157,6 +163,7 @@ def train_sae(config: RunConfig, workdir: str) -> SAEResult:
   def save(step: int) -> None:
     ckpt.save(step, state, tokens.get_state(), config_dict)
 
+  eval_run = trainer.eval_fn(lm.model, site)
   bar = progress_bar(cfg.num_steps, start)
   bar.set_description("sae")
   final = None
@@ -176,7 +183,7 @@ def train_sae(config: RunConfig, workdir: str) -> SAEResult:
           bar.set_postfix(nmse=f"{record['nmse']:.3f}",
                           dead=f"{record['dead_fraction']:.2f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
-          final = evaluate(trainer, lm, state, site, cfg.eval_batches)
+          final = evaluate(eval_run, lm, state, mesh, cfg.eval_batches)
           writer.write(step, "val", final)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
             step == cfg.num_steps:
@@ -198,6 +205,6 @@ def train_sae(config: RunConfig, workdir: str) -> SAEResult:
       bar.close()
   ckpt.wait()
   ckpt.close()
-  final = final or evaluate(trainer, lm, state, site, cfg.eval_batches)
+  final = final or evaluate(eval_run, lm, state, mesh, cfg.eval_batches)
   final["step"] = int(state.step)
   return SAEResult(trainer, state, lm, final)

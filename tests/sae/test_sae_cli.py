@@ -35,7 +35,7 @@ def _config(lm_workdir, **sections):
             "optim": dict(learning_rate=1e-2, warmup_steps=0),
             "train": dict(num_steps=4, init_batches=2, log_every=1, eval_every=2,
                           eval_batches=1, checkpoint_every=2),
-            "mesh": dict(data=-1)}
+            "mesh": dict(data=2, tensor=4)}
   for name, overrides in sections.items():
     config[name] = {**config[name], **overrides}
   return parse_run_config(config)
