@@ -1,12 +1,14 @@
 """The compressed data-parallel train step on 8 fake devices: ratio 1 equals the plain
 step, bytes logged from the arrays sent, exact resume of the per-device state, errors."""
 
+import json
+
 import chex
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config_dict
+from conftest import experiment_module, run_main, tiny_config_dict
 from sparsejax.sparsity import gradient
 from sparsejax.train import data as data_lib
 from sparsejax.train.config import parse_config
@@ -96,3 +98,26 @@ def test_ratio_out_of_range_names_the_field():
                      r"is invalid: must be in \(0, 1\]"):
     parse_config(tiny_config_dict(train=dict(grad_compression=dict(method="topk_ef",
                                                                     ratio=0.0))))
+
+
+@pytest.mark.slow
+def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
+  with experiment_module("grad_compression") as module:
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(module.results_log, "RESULTS_MD", str(md))
+    workdir = tmp_path / "gc"
+    run_main(module, ["grad_compression", f"--workdir={workdir}", "--steps=3",
+                      "--variants=dense,topk_ef_999", "--record"])
+  rows = json.loads((workdir / "results.json").read_text())["variants"]
+  assert [r["name"] for r in rows] == ["dense", "topk_ef_999"]
+  dense, sparse = rows
+  params = Trainer(parse_config(module.variant_config("dense", 3))).abstract_state.params
+  sent, dense_bytes = _expected_bytes(params, 0.001)
+  assert dense["sent_bytes"] == dense["dense_bytes"] == dense_bytes
+  assert sparse["sent_bytes"] == sent and sparse["ratio"] == pytest.approx(dense_bytes / sent)
+  report = (workdir / "report.md").read_text()
+  assert "| topk_ef_999 |" in report and f"{dense_bytes / sent:.1f}×" in report
+  assert "target not met" in report or "target met" in report
+  assert (workdir / "val_curves.png").stat().st_size > 0
+  assert (workdir / "train_curves.png").stat().st_size > 0
+  assert "grad_compression.py" in md.read_text()

@@ -1,0 +1,46 @@
+"""Sparse gradient exchange on a tiny LM, data parallel over 8 devices (fake CPU
+devices on a CPU host). Pick a variant after a colon:
+
+  python experiments/train.py --config=experiments/configs/grad_compression.py:dgc_999 \\
+      --workdir=workdir/gc_dgc_999
+  python experiments/grad_compression.py --record        # all variants side by side
+
+Variants (ratio = fraction of each matrix's entries a device sends per step):
+  dense        the plain step's dense all-reduce (AdamW)
+  topk_ef_99   top-k + error feedback, ratio 0.01 (99% sparsity), AdamW
+  topk_ef_999  top-k + error feedback, ratio 0.001 (99.9%), AdamW
+  dgc_99       DGC (momentum 0.9, local clipping, warm-up 75% → 99.6% over the first
+               quarter of the steps), ratio 0.01, AdamW with b1 = 0 (DGC's momentum
+               correction is the momentum)
+  dgc_999      the same at ratio 0.001
+"""
+
+import os
+import runpy
+
+dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
+
+NUM_STEPS = 300
+VARIANTS = {
+    "dense": dict(method="none"),
+    "topk_ef_99": dict(method="topk_ef", ratio=0.01),
+    "topk_ef_999": dict(method="topk_ef", ratio=0.001),
+    "dgc_99": dict(method="dgc", ratio=0.01, warmup_steps=NUM_STEPS // 4),
+    "dgc_999": dict(method="dgc", ratio=0.001, warmup_steps=NUM_STEPS // 4),
+}
+
+
+def get_config(variant: str = "dense"):
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {variant!r} must be one of {sorted(VARIANTS)}")
+  config = dense["get_config"]()
+  config.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+  config.data.update(seq_len=64, batch_size=32)          # 4 sequences per device
+  config.optim.update(warmup_steps=20)
+  config.train.update(num_steps=NUM_STEPS, log_every=10, eval_every=50, eval_batches=8,
+                      checkpoint_every=NUM_STEPS // 2, sample_tokens=0)
+  config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
+  config.train.grad_compression = VARIANTS[variant]
+  if VARIANTS[variant]["method"] == "dgc":
+    config.optim.b1 = 0.0
+  return config
