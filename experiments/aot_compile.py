@@ -28,7 +28,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sparsejax.scaling.plan import GIB, plan
+from sparsejax.scaling.plan import DECODE_BATCHES, GIB, plan
 from sparsejax.train.config import parse_config
 from sparsejax.validation import ConfigError, run_cli
 
@@ -38,6 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False, accept_new_attributes=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4",
                                 "TPU slice, e.g. v5e:2x2, v5p:4x4x4, v6e:16x16.")
+_TRAIN = flags.DEFINE_bool("train", True, "Compile the train step (--notrain "
+                           "--decode_batch=0: params and on-paper decode bytes only).")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1,
                                      "Sequences of the compiled decode step (0: none).")
 _FIT_LAYERS = flags.DEFINE_list("fit_layers", [], "a,b: compile at a and b blocks and "
@@ -49,7 +51,18 @@ _TABLE = flags.DEFINE_list("table", [], "Print the markdown table of these JSON 
 
 
 def _gib(value: float) -> str:
-  return f"{value / GIB:.2f} GiB"
+  """Bytes in GiB, or MiB / KiB below one GiB."""
+  for unit, size in (("GiB", GIB), ("MiB", 1 << 20)):
+    if value >= size:
+      return f"{value / size:.2f} {unit}"
+  return f"{value / 1024:.1f} KiB"
+
+
+def _count(value: float) -> str:
+  for unit, size in (("B", 1e9), ("M", 1e6)):
+    if value >= size:
+      return f"{value / size:.3g}{unit}"
+  return f"{value:,.0f}"
 
 
 def _step_lines(name: str, step: dict) -> list[str]:
@@ -80,9 +93,10 @@ def summary(name: str, report: dict) -> str:
          else "compiled at full depth")
   lines = [f"{name} on {report['topology']}: {report['num_chips']} × {report['chip']} "
            f"chips, mesh {mesh}; {report['num_layers']} blocks ({how})",
-           f"params: total {report['total_params'] / 1e9:.3f}B, activated (non-embedding)"
-           f" {report['activated_params'] / 1e9:.3f}B"]
-  lines += _step_lines("train", report["train"])
+           f"params: total {_count(report['total_params'])}, activated (non-embedding) "
+           f"{_count(report['activated_params'])}"]
+  if "train" in report:
+    lines += _step_lines("train", report["train"])
   if "decode" in report:
     lines += _step_lines("decode", report["decode"])
     lines.append(f"  HBM bytes per decoded token: "
@@ -120,15 +134,35 @@ def table_row(name: str, report: dict) -> str:
           f"{mfu} | {decode['1'] / 1e6:,.0f} / {decode['64'] / 1e6:,.0f} |")
 
 
+DECODE_HEADER = ("| config | total / activated params | " + " | ".join(
+    f"B={b}" for b in DECODE_BATCHES) + " |\n|---|---|" + "---|" * len(DECODE_BATCHES))
+
+
+def decode_row(name: str, report: dict) -> str:
+  """One markdown row of on-paper decode parameter MB per token (DECODE_HEADER)."""
+  decode = report["decode_param_bytes_per_token"]
+  return (f"| {name} | {report['total_params'] / 1e9:.2f}B / "
+          f"{report['activated_params'] / 1e9:.2f}B | "
+          + " | ".join(f"{decode[str(b)] / 1e6:,.0f}" for b in DECODE_BATCHES) + " |")
+
+
+def tables(paths: list[str]) -> str:
+  """The markdown tables of JSON reports: compiled train steps, then decode bytes."""
+  reports = {}
+  for path in paths:
+    with open(path) as f:
+      reports[os.path.basename(path).removesuffix(".json")] = json.load(f)
+  compiled = [table_row(n, r) for n, r in reports.items() if "train" in r]
+  decode = [decode_row(n, r) for n, r in reports.items()]
+  return "\n".join(([TABLE_HEADER, *compiled, ""] if compiled else [])
+                   + [DECODE_HEADER, *decode])
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if _TABLE.value:
-    rows = []
-    for path in _TABLE.value:
-      with open(path) as f:
-        rows.append(table_row(os.path.basename(path).removesuffix(".json"), json.load(f)))
-    print("\n".join([TABLE_HEADER, *rows]))
+    print(tables(_TABLE.value))
     return
   if _CONFIG.value is None:
     raise ConfigError("--config is required (e.g. experiments/configs/scale/dense_1b.py)")
@@ -142,7 +176,7 @@ def main(argv):
   path = config_flags.get_config_filename(flags.FLAGS["config"])
   stem, _, arg = os.path.basename(path).partition(":")
   name = stem.removesuffix(".py") + (f"_{arg}" if arg else "")
-  report = plan(parse_config(_CONFIG.value), _TOPOLOGY.value,
+  report = plan(parse_config(_CONFIG.value), _TOPOLOGY.value, train=_TRAIN.value,
                 decode_batch=_DECODE_BATCH.value, fit_layers=fit)
   report["config"] = name
   output = _OUTPUT.value or os.path.join(

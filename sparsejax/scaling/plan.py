@@ -232,11 +232,12 @@ def decode_param_bytes_per_token(config: Config, params: Any, batch: int,
 DECODE_BATCHES = (1, 4, 16, 64)
 
 
-def plan(config: Config, topology: str, *, decode_batch: int = 1,
+def plan(config: Config, topology: str, *, train: bool = True, decode_batch: int = 1,
          fit_layers: tuple[int, int] | None = None) -> dict[str, Any]:
   """The JSON-ready report of `config` compiled for `topology` (module docstring).
 
-  `decode_batch` = 0 skips the decode step. Raises HbmOverflowError when a step does
+  `train=False` skips the train step, `decode_batch` = 0 the decode step (with both,
+  only the params and the on-paper decode bytes are reported). Raises HbmOverflowError when a step does
   not fit, ConfigError for a mesh that does not match the slice or a bad `fit_layers`.
   """
   mesh = tpu_mesh(topology, config.mesh)
@@ -250,7 +251,7 @@ def plan(config: Config, topology: str, *, decode_batch: int = 1,
   full = Trainer(config, mesh=mesh)         # abstract state only: nothing compiled
   params = full.abstract_state.params
   counts = accounting.count_params(params)
-  steps = {"train": _compile_train}
+  steps = {"train": _compile_train} if train else {}
   if decode_batch:
     steps["decode"] = lambda trainer: _compile_decode(trainer, decode_batch)
   costs = {}
@@ -278,11 +279,12 @@ def plan(config: Config, topology: str, *, decode_batch: int = 1,
       "nonembedding_params": counts["nonembedding_params"],
       "activated_params": accounting.activated_params(config.model, params),
       "model_flops_per_token": flops_per_token,
-      "train": _step_report(costs["train"], spec, num_chips,
-                            3 * flops_per_token * tokens if flops_per_token else None,
-                            tokens),
   }
-  report["train"]["xla_flops_per_token"] = costs["train"].flops * num_chips / tokens
+  if train:
+    report["train"] = _step_report(
+        costs["train"], spec, num_chips,
+        3 * flops_per_token * tokens if flops_per_token else None, tokens)
+    report["train"]["xla_flops_per_token"] = costs["train"].flops * num_chips / tokens
   if decode_batch:
     report["decode"] = _step_report(costs["decode"], spec, num_chips, None,
                                     decode_batch)
