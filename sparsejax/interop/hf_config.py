@@ -187,6 +187,10 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
             f"{allowed!r}")
   if cfg.ffn != ("moe" if arch == "MixtralForCausalLM" else "swiglu"):
     _fail(src, "ffn", cfg.ffn, f"has no {arch} equivalent")
+  for field in ("d_ff_per_layer", "num_heads_per_layer", "num_kv_heads_per_layer"):
+    if getattr(cfg, field):
+      _fail(src, field, getattr(cfg, field), f"has no {arch} equivalent (one size for "
+            "every block): must be empty")
   if cfg.qkv_bias != (arch == "Qwen2ForCausalLM"):
     _fail(src, "qkv_bias", cfg.qkv_bias, f"does not match {arch} (q/k/v biases only "
           "in Qwen2ForCausalLM)")

@@ -238,10 +238,11 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
   _supported(model, "attention", ATTENTION_FLOPS)
   _supported(model, "ffn", FFN_FLOPS)
   _supported(model, "linear", DENSE_LINEARS)
-  attention = ATTENTION_FLOPS[model.attention](
-      model, _options(model, "attention"), seq_len)
-  ffn = FFN_FLOPS[model.ffn](model, _options(model, "ffn"))
-  total = model.num_layers * (attention + ffn) + 2 * model.d_model * model.vocab_size
+  attention_options, ffn_options = _options(model, "attention"), _options(model, "ffn")
+  blocks = sum(ATTENTION_FLOPS[model.attention](block, attention_options, seq_len)
+               + FFN_FLOPS[model.ffn](block, ffn_options)
+               for block in map(model.for_layer, range(model.num_layers)))
+  total = blocks + 2 * model.d_model * model.vocab_size
   if model.memory == "none":
     return float(total)
   _supported(model, "memory", MEMORY_FLOPS)

@@ -76,6 +76,12 @@ def sparsity_lines(metrics_path: str) -> list[str]:
   return [*lines, ""]
 
 
+def _sizes(model: dict, field: str) -> str:
+  """`field`'s value, or its per-block sizes (a shrunk model) joined by '/'."""
+  per_layer = model.get(f"{field}_per_layer")
+  return "/".join(map(str, per_layer)) if per_layer else str(model[field])
+
+
 def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
                  num_params: int, sample_prompt: str, sample: str) -> str:
   """Writes workdir/report.md and workdir/loss_curve.png; returns the report path."""
@@ -88,7 +94,8 @@ def write_report(workdir: str, *, config: dict, metrics: dict[str, float],
       f"- device: {jax.devices()[0].device_kind} × {jax.device_count()}, "
       f"JAX {jax.__version__}",
       f"- model: {model['num_layers']} layers, d_model {model['d_model']}, "
-      f"{model['num_heads']} heads ({model['num_kv_heads']} kv), attention "
+      f"{_sizes(model, 'num_heads')} heads ({_sizes(model, 'num_kv_heads')} kv), "
+      f"attention "
       f"`{model['attention']}`, ffn `{model['ffn']}`, memory `{model['memory']}`; "
       f"{num_params:,} parameters",
       f"- data: `{data['path'] or 'embedded stdlib corpus'}`, seq_len {data['seq_len']}, "

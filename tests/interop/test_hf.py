@@ -218,6 +218,10 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
     save_hf(str(tmp_path / "x"), bad, params)
   with pytest.raises(HFConfigError, match="qkv_bias"):
     save_hf(str(tmp_path / "x"), cfg, params, like=fixture("qwen2_bf16"))
+  shrunk = cfg.__class__(**{**cfg.__dict__,
+                            "d_ff_per_layer": (cfg.resolved_d_ff,) * cfg.num_layers})
+  with pytest.raises(HFConfigError, match="d_ff_per_layer=.*must be empty"):
+    save_hf(str(tmp_path / "x"), shrunk, params)
   assert not os.path.exists(tmp_path / "x")
 
 

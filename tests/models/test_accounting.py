@@ -41,6 +41,18 @@ def test_dense_counts_and_flops_by_hand():
   assert bytes_ == 4 * counts["total_params"]
 
 
+def test_flops_sum_per_block_sizes():
+  """A shrunk model (per-block d_ff / heads) counts each block at its own size."""
+  model, _ = _model_and_params(dict(BASE, d_ff_per_layer=(FF, FF // 2),
+                                    num_heads_per_layer=(4, 2),
+                                    num_kv_heads_per_layer=(2, 1), head_dim=8))
+  seq = 10
+  block0 = 2 * (ATTENTION + 3 * D * FF) + 2 * 2 * (seq / 2) * D
+  attention1 = 2 * D * 16 + 2 * D * 8            # q, o: 2 heads · 8; k, v: 1 kv head
+  block1 = 2 * (attention1 + 3 * D * FF // 2) + 2 * 2 * (seq / 2) * 16
+  assert accounting.flops_per_token(model, seq) == block0 + block1 + 2 * D * V
+
+
 def test_moe_routed_experts_and_flops_by_hand():
   model, params = _model_and_params(MOE)
   routed = accounting.routed_params(model, params)
