@@ -22,7 +22,6 @@ traceback).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -88,16 +87,15 @@ PATTERNS = (("50%", 0.5, None), ("60%", 0.6, None), ("2:4", 0.5, (2, 4)),
             ("4:8", 0.5, (4, 8)))
 
 
-@dataclasses.dataclass
 class Source:
-  """A model to prune: config, variables, tokenizer spec and data."""
-  name: str
-  model_cfg: object
-  params: dict
-  model_state: dict
-  tokenizer: str
-  data_cfg: data_lib.DataConfig
-  run_config: object = None     # the training Config (runs only)
+  """A model to prune: config, variables, tokenizer spec and data (and, for a training
+  run, its Config)."""
+
+  def __init__(self, name, model_cfg, params, model_state, tokenizer, data_cfg,
+               run_config=None):
+    self.name, self.model_cfg, self.params = name, model_cfg, params
+    self.model_state, self.tokenizer, self.data_cfg = model_state, tokenizer, data_cfg
+    self.run_config = run_config
 
 
 def parse_nm(text: str) -> tuple[int, int] | None:
@@ -320,6 +318,9 @@ def main(argv):
   settings_for(_METHOD.value, _SPARSITY.value, nm).validate()
   check(not _COMPRESS.value or (nm is not None and _OUT.value), "--compress", True,
         "used with --nm and --out")
+  out = _OUT.value
+  if out and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ConfigError(f"--out={out!r} exists and is not an empty directory")
   mesh = sharding.make_mesh()
   source = load_source(mesh)
   calib_tokens = text_tokens(source, _CALIB.value, "train", "--calib")
