@@ -120,3 +120,19 @@ def test_cli_one_line_errors_and_ctrl_c_saves(lm_workdir, tmp_path):
   assert proc.returncode == 130, out
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved and "Interrupted: saved step" in out
+
+
+def test_trains_on_a_hugging_face_checkpoint(lm_workdir, tmp_path):
+  from sparsejax.interop.hf import save_hf
+  from sparsejax.train.trainer import restore_run
+  run, state, _ = restore_run(lm_workdir)
+  save_hf(str(tmp_path / "hf"), run.model, state.params)
+  config = _config("", source=dict(workdir="", hf_path=str(tmp_path / "hf"),
+                                   site="ffn_in_0"), train=dict(num_steps=2))
+  result = train_sae(config, str(tmp_path / "sae"))
+  assert result.metrics["step"] == 2 and result.metrics["l0"] <= 4
+  # the same model from its sparsejax run gives the same clean loss
+  same = train_sae(_config(lm_workdir, source=dict(site="ffn_in_0"),
+                           train=dict(num_steps=2)), str(tmp_path / "sae_run"))
+  np.testing.assert_allclose(result.metrics["ce_clean"], same.metrics["ce_clean"],
+                             rtol=1e-5)
