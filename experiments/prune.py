@@ -164,13 +164,14 @@ class Evaluator:
   def __init__(self, source: Source, mesh):
     self.tokens = text_tokens(source, _EVAL_DATA.value, "val", "--eval_data")
     self.bpt = bytes_per_token(source, _EVAL_DATA.value)
-    self.model = DecoderLM(source.model_cfg)
+    model = DecoderLM(source.model_cfg)
+    self.apply = lambda variables, inputs: model.apply(variables, inputs)
     self.mesh = mesh
 
   def __call__(self, params, model_state) -> dict:
     with jax.set_mesh(self.mesh):
       result = calibration.score_tokens(
-          lambda v, x: self.model.apply(v, x), {"params": params, **model_state},
+          self.apply, {"params": params, **model_state},
           self.tokens, seq_len=_EVAL_SEQ_LEN.value or _CALIB_SEQ_LEN.value,
           batch_size=_CALIB_BATCH.value, max_tokens=_EVAL_TOKENS.value)
     result["bpb"] = result["nll"] / math.log(2) / self.bpt

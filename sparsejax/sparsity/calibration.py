@@ -9,6 +9,7 @@ the numbers before and after pruning come from the same tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,18 @@ def calibration_windows(tokens: np.ndarray, num_samples: int, seq_len: int,
   return np.stack([np.asarray(tokens[s:s + seq_len], np.int32) for s in starts])
 
 
+@functools.lru_cache(maxsize=16)
+def _batch_nll(apply_fn):
+  """Jitted summed NLL of one masked batch (cached per apply_fn: reuse one function
+  object across calls to compile once)."""
+  def batch_nll(variables, inputs, targets, mask):
+    logits = apply_fn(variables, inputs)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                          targets)
+    return jnp.sum(jnp.where(mask, nll, 0.0))
+  return jax.jit(batch_nll)
+
+
 def score_tokens(apply_fn, variables, tokens: np.ndarray, *, seq_len: int,
                  batch_size: int, max_tokens: int = 0) -> dict[str, float]:
   """Held-out NLL of tokens[1:] given the earlier tokens of its window.
@@ -55,13 +68,7 @@ def score_tokens(apply_fn, variables, tokens: np.ndarray, *, seq_len: int,
   mask = np.zeros(rows * seq_len, bool)
   inputs[:n], targets[:n], mask[:n] = tokens[:n], tokens[1:n + 1], True
 
-  @jax.jit
-  def batch_nll(variables, inputs, targets, mask):
-    logits = apply_fn(variables, inputs)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                          targets)
-    return jnp.sum(jnp.where(mask, nll, 0.0))
-
+  batch_nll = _batch_nll(apply_fn)
   shape = (rows // batch_size, batch_size, seq_len)
   total = sum(float(batch_nll(variables, *batch)) for batch in zip(
       inputs.reshape(shape), targets.reshape(shape), mask.reshape(shape)))
