@@ -22,8 +22,11 @@ are zero-padded, padded keys are masked by s < S).
 Backends (see `tpu.py` / `gpu.py` for the kernels and their rooflines):
   * gpu — group-centric: one program per (b, token, kv head) with the G heads as
     matmul rows (padded to ≥ 16), fori_loop over the n selected blocks; dq token-centric;
-    dk/dv one program per kv block over an inverse CSR (kv block → tokens that selected
-    it) built in XLA with a stable argsort.
+    dk/dv over an inverse CSR (kv block → tokens that selected it, a stable argsort in
+    XLA) cut into chunks of at most `chunk_tokens` entries (`chunk_list`: a cumsum, a
+    scatter and a cummax): one program per (kv block, chunk), tiles of tokens × G heads
+    per step, f32 partials per chunk summed per block by a second kernel in list order
+    (no atomics).
   * tpu — query-tile union: tiles of Tq tokens × G heads (R = Tq·G rows); the sorted
     union of the tile's selected blocks is built in XLA (scatter into a
     [nT, ns] bool matrix → CSR padded by repeating the last entry) and
@@ -122,7 +125,8 @@ def tpu_footprint(*, b: int, t: int, s: int, hq: int, hkv: int, n: int, d: int, 
               vmem_fwd=fwd, vmem_dq=dq, vmem_dkv=dkv)
 
 
-def _check(q, k, v, block_idx, valid, select_block, block_q, backend):
+def _check(q, k, v, block_idx, valid, select_block, block_q, backend, chunk_tokens,
+           tile_rows):
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -155,6 +159,9 @@ def _check(q, k, v, block_idx, valid, select_block, block_q, backend):
       if n < 16 or not _pow2(n):
         raise ValueError(f"{name}={n} must be a power of two >= 16 for the Triton "
                          "kernel (pl.dot tiles)")
+    for name, n, low in (("chunk_tokens", chunk_tokens, 1), ("tile_rows", tile_rows, 16)):
+      if not isinstance(n, int) or n < low or not _pow2(n):
+        raise ValueError(f"{name}={n!r} must be a power of two >= {low} (GPU dk/dv)")
 
 
 def csr_from_bool(hit: jax.Array, width: int):
@@ -240,10 +247,43 @@ def inverse_csr(sel_btc: jax.Array, num_blocks: int):
   return offsets.astype(jnp.int32), (order // n).astype(jnp.int32)
 
 
+def chunk_width(t: int, n: int, num_blocks: int, chunk_tokens: int) -> int:
+  """Static length W of `chunk_list` per (batch, kv head) pair: Σ_j ⌈cnt_j / C⌉ with
+  Σ_j cnt_j <= T·n over at most min(ns, T·n) non-empty blocks is at most
+  ⌊(T·n + min(ns, T·n)·(C − 1)) / C⌋ (at least 1)."""
+  return max(1, (t * n + min(num_blocks, t * n) * (chunk_tokens - 1)) // chunk_tokens)
+
+
+def chunk_list(offsets: jax.Array, chunk_tokens: int, width: int):
+  """Inverse-CSR offsets int32 [P, ns + 1] -> the GPU dk/dv work list: each block's
+  token list cut into chunks of at most C = chunk_tokens entries, (blocks, begins,
+  ends int32 [P, width], bounds int32 [P, ns + 1]). Item w < total_p covers list
+  entries [begins, ends) of kv block blocks[p, w]; items are in (block, chunk) order
+  and block j owns items [bounds[p, j], bounds[p, j + 1]); items past the total have
+  block −1 and an empty range. Built with a cumsum, a scatter and a cummax (no sort)."""
+  p, ns = offsets.shape[0], offsets.shape[1] - 1
+  count = offsets[:, 1:] - offsets[:, :-1]
+  chunks = (count + chunk_tokens - 1) // chunk_tokens
+  bounds = jnp.pad(jnp.cumsum(chunks, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+  dest = jnp.where(chunks > 0, bounds[:, :-1], width)          # a block's first item
+  rows = jnp.arange(p)[:, None]
+  blocks = jnp.full((p, width), -1, jnp.int32).at[rows, dest].set(
+      jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (p, ns)), mode="drop")
+  item = jnp.arange(width, dtype=jnp.int32)[None, :]
+  blocks = jnp.where(item < bounds[:, -1:], lax.cummax(blocks, axis=1), -1)
+  jc = jnp.maximum(blocks, 0)
+  begins = (jnp.take_along_axis(offsets, jc, 1)
+            + (item - jnp.take_along_axis(bounds, jc, 1)) * chunk_tokens)
+  ends = jnp.minimum(begins + chunk_tokens, jnp.take_along_axis(offsets, jc + 1, 1))
+  live = blocks >= 0
+  return blocks, jnp.where(live, begins, 0), jnp.where(live, ends, 0), bounds
+
+
 def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
                          scale: float | None = None, q_positions=None,
                          block_q: int | None = None, interpret=False,
                          backend: str | None = None, num_warps: int = 4,
+                         chunk_tokens: int = 256, tile_rows: int = 128,
                          smem_table_bytes: int = SMEM_TABLE_BYTES):
   """NSA selection-branch attention, differentiable in q, k, v (module docstring).
 
@@ -257,6 +297,10 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     interpret: interpret mode for CPU tests (True, or a `pltpu.InterpretParams`).
     backend: "tpu" or "gpu"; default by `jax.default_backend()`.
     num_warps: Triton warps (GPU).
+    chunk_tokens: GPU dk/dv: most entries of a kv block's token list per program
+      (power of two; `chunk_list`).
+    tile_rows: GPU dk/dv: matmul rows per inner step, tokens × next power of two >= G
+      (power of two >= 16; `gpu.dkv_tile`).
     smem_table_bytes: TPU: most bytes of scalar-prefetched tables per pallas_call;
       longer tables are split into several calls (`tpu_chunks`, `dkv_chunk`).
 
@@ -266,7 +310,8 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
   q, k, v = map(jnp.asarray, (q, k, v))
   block_idx, valid = jnp.asarray(block_idx), jnp.asarray(valid)
   backend = default_backend() if backend is None else backend
-  _check(q, k, v, block_idx, valid, select_block, block_q, backend)
+  _check(q, k, v, block_idx, valid, select_block, block_q, backend, chunk_tokens,
+         tile_rows)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g, n, lsel = hq // hkv, block_idx.shape[3], select_block
@@ -361,7 +406,10 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
   else:
     gp = max(16, 1 << (g - 1).bit_length())
     offsets, tokens = inverse_csr(sel, ns)
-    tables = (sel.reshape(-1), pos.reshape(-1), offsets.reshape(-1), tokens.reshape(-1))
+    work = chunk_list(offsets.reshape(b * hkv, ns + 1), chunk_tokens,
+                      chunk_width(t, n, ns, chunk_tokens))
+    tables = (sel.reshape(-1), pos.reshape(-1), tokens.reshape(-1),
+              tuple(x.reshape(-1) for x in work))
     kw.update(num_selected=n, interpret=bool(interpret), num_warps=num_warps)
 
     def to_kernel(q):   # [B, T, Hq, D] -> [B, T, Hkv, Gp, D] (zero rows g >= G)
@@ -376,7 +424,8 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
 
     def bwd(q, k, v, do, lse, di, tab):
       dq = nsa_dq_gpu(q, k, v, do, lse, di, tab[0], tab[1], **kw)
-      dk, dv = nsa_dkv_gpu(q, k, v, do, lse, di, tab[1], tab[2], tab[3], **kw)
+      dk, dv = nsa_dkv_gpu(q, k, v, do, lse, di, tab[1], tab[2], *tab[3], group=g,
+                           chunk_tokens=chunk_tokens, tile_rows=tile_rows, **kw)
       return dq, dk, dv
 
   @jax.custom_vjp
@@ -400,5 +449,5 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
 
 __all__ = ["nsa_selection_kernel", "nsa_fwd_tpu", "nsa_dq_tpu", "nsa_dkv_tpu",
            "nsa_fwd_gpu", "nsa_dq_gpu", "nsa_dkv_gpu", "union_tables", "union_stats",
-           "inverse_csr", "csr_from_bool", "visit_list", "default_block_q", "dkv_chunk",
+           "inverse_csr", "chunk_list", "chunk_width", "csr_from_bool", "visit_list", "default_block_q", "dkv_chunk",
            "BACKENDS", "MASK_VALUE", "EMPTY_LSE", "SUPPORTED_DTYPES"]

@@ -196,6 +196,123 @@ def test_gpu_lowering(dtype):
 
 
 
+def long_list_inputs(seed, b, t, s, hq, hkv, n, dtype):
+  """Every token selects kv block 0 (its list holds all T tokens of a (b, c) pair);
+  the other n − 1 slots distinct random blocks in 1..t // l' except block 2 (never
+  selected: an empty block between non-empty ones), −1 where too few exist or at
+  random (30%, so list lengths are not all multiples of the chunk size); with S > T
+  the blocks past the last query position are empty too. q, k, v, cot in `dtype`."""
+  rng = np.random.default_rng(seed)
+  idx = np.full((b, t, hkv, n), -1, np.int32)
+  idx[..., 0] = 0
+  for bi, ti, ci in np.ndindex(b, t, hkv):
+    cand = [x for x in range(1, ti // L_SEL + 1) if x != 2]
+    pick = rng.permutation(cand)[:n - 1]
+    idx[bi, ti, ci, 1:1 + len(pick)] = np.where(rng.random(len(pick)) < 0.3, -1, pick)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+  q, k, v, cot = f(b, t, hq, 32), f(b, s, hkv, 32), f(b, s, hkv, 16), f(b, t, hq, 16)
+  return (q, k, v, cot), idx, idx >= 0
+
+
+# (B, T, S, Hq, Hkv, n, chunk_tokens, tile_rows, dtype): G = 2 with one 8-token tile per
+# chunk (block 0's 64 entries = exactly 8 chunks); G = 3 (rows of head 3 masked), B = 2,
+# bf16, 4-token chunks; G = 1 with 16-token tiles, two per 32-token chunk.
+LONG_LIST_CASES = [
+    (1, 64, 80, 4, 2, 3, 8, 16, jnp.float32),
+    pytest.param(2, 48, 64, 6, 2, 2, 4, 16, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param(1, 64, 64, 2, 2, 2, 32, 16, jnp.float32, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("b,t,s,hq,hkv,n,chunk,rows,dtype", LONG_LIST_CASES)
+def test_gpu_dkv_long_lists_in_chunks(b, t, s, hq, hkv, n, chunk, rows, dtype, rng_seed):
+  """GPU dk/dv with each block's token list cut into chunks of `chunk` entries (block
+  0: all T tokens), partial sums per chunk added per block: forward and grads equal
+  the XLA reference on the same (rounded) inputs in f32; blocks nobody selected get
+  exactly zero dk/dv."""
+  xs, idx, valid = long_list_inputs(rng_seed, b, t, s, hq, hkv, n, dtype)
+  kern = lambda q, k, v: nsa_selection_kernel(
+      q, k, v, idx, valid, select_block=L_SEL, backend="gpu", interpret=True,
+      chunk_tokens=chunk, tile_rows=rows)
+  x32 = [x.astype(jnp.float32) for x in xs]
+  got = jax.jit(lambda q, k, v, cot: (lambda o, f: (o,) + f(cot))(
+      *jax.vjp(kern, q, k, v)))(*xs)
+  want = run_both(*x32, idx, valid, None,
+                  lambda q, k, v: selected_attention(q, k, v, idx, valid, L_SEL,
+                                                     impl="xla"))[1]
+  for x, y in zip(got, want):
+    assert x.dtype == dtype
+    assert_close(x.astype(jnp.float32), y, tol=2e-5 if dtype == jnp.float32 else 2e-2)
+  empty = np.ones(-(-s // L_SEL), bool)
+  empty[np.unique(idx[idx >= 0])] = False
+  assert empty[2] and empty.sum() >= 1 + (s > t)
+  for g in got[2:]:
+    blocks = np.asarray(g, np.float32).reshape(b, -1, L_SEL, hkv, g.shape[-1])
+    assert (blocks[:, empty] == 0).all() and (np.abs(blocks[:, ~empty]).max() > 0)
+    assert np.abs(blocks[:, 0]).max() > 0
+
+
+def test_chunk_list(rng_seed):
+  """chunk_list over inverse_csr's offsets against a NumPy walk: the items of each
+  block cover its list entries [offsets[j], offsets[j + 1]) in order, C at a time,
+  exactly once; items past the total are (−1, empty); the static width bounds the
+  total. Three (batch, kv head) pairs of T = 40 tokens × n = 3 distinct random blocks
+  of ns = 7 (some slots invalid): block 2 never selected in pair 0, pair 1 with every
+  token on block 0 only (a list of 40: exactly 5 chunks of 8, 10 of 4)."""
+  from pallas_kernels.nsa import chunk_list, chunk_width
+  rng = np.random.default_rng(rng_seed)
+  t, n, ns, pairs = 40, 3, 7, 3
+  sel = np.stack([np.stack([rng.permutation(ns)[:n] for _ in range(t)])
+                  for _ in range(pairs)], axis=1)[None]            # [1, T, pairs, n]
+  sel = np.where(rng.random(sel.shape) < 0.2, -1, sel)
+  sel[0, :, 0] = np.where(sel[0, :, 0] == 2, -1, sel[0, :, 0])
+  sel[0, :, 1] = [0, -1, -1]
+  offsets = jax.jit(inverse_csr, static_argnums=1)(jnp.asarray(sel, jnp.int32), ns)[0][0]
+  offsets = np.asarray(offsets)
+  for c in (1, 4, 8, 64):
+    width = chunk_width(t, n, ns, c)
+    blocks, begins, ends, bounds = map(np.asarray, jax.jit(
+        chunk_list, static_argnums=(1, 2))(jnp.asarray(offsets), c, width))
+    for p in range(pairs):
+      want = [(j, e, min(e + c, offsets[p, j + 1])) for j in range(ns)
+              for e in range(offsets[p, j], offsets[p, j + 1], c)]
+      assert len(want) <= width
+      got = list(zip(blocks[p], begins[p], ends[p]))
+      assert got[:len(want)] == want
+      assert all(x == (-1, 0, 0) for x in got[len(want):])
+      np.testing.assert_array_equal(
+          np.diff(bounds[p]), [sum(1 for x in want if x[0] == j) for j in range(ns)])
+  assert offsets[0, 3] == offsets[0, 2] and offsets[1, 1] == t
+
+
+@pytest.mark.slow
+def test_gpu_dkv_longest_walk():
+  """GPU dk/dv at paper sizes (T = 32k, l' 64, n 16 with 1 initial + 2 local blocks
+  forced, NSA's causal selection of random scores, one (batch, kv head) pair; G = 16,
+  default C = 256 and 128-row tiles so 8 tokens per step): the former kernel walked
+  block 0's whole list, 32,768 tokens one by one, in one program; the chunk list
+  gives 2,262 programs per pair (static width 2,558) of at most 32 steps, and the
+  sum kernel's longest walk is 128 partials."""
+  from pallas_kernels.nsa import chunk_list, chunk_width
+  from pallas_kernels.nsa.gpu import dkv_tile
+  t, lsel, n, c = 32768, 64, 16, 256
+  ns = t // lsel
+  scores = jax.random.uniform(jax.random.key(0), (1, t, 1, ns))
+  idx, valid = select_blocks(scores, jnp.arange(t)[None], n, lsel)
+  sel = jnp.where(valid, idx, -1).astype(jnp.int32)
+  offsets, _ = jax.jit(inverse_csr, static_argnums=1)(sel, ns)
+  width = chunk_width(t, n, ns, c)
+  blocks, begins, ends, bounds = jax.jit(chunk_list, static_argnums=(1, 2))(
+      offsets[0], c, width)
+  longest_list = int(jnp.max(jnp.diff(offsets[0, 0])))
+  programs = int(bounds[0, -1])
+  tile, gq = dkv_tile(16, 128, c)
+  steps = -(-int(jnp.max(ends - begins)) // tile)
+  assert longest_list == t and (tile, gq) == (8, 16) and width == 2558
+  assert programs == 2262 and steps == 32
+  assert int(jnp.max(jnp.diff(bounds[0]))) == t // c
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_invalid_block_ids_contribute_nothing(backend, rng_seed):
   """Through the op (impl="interpret", each platform's kernel): valid slots holding -1
