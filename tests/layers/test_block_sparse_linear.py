@@ -138,3 +138,53 @@ def test_trains_on_the_8_device_mesh(rng_seed):
            jax.tree_util.tree_leaves_with_path(state.params)]
   assert any("w_blocks" in n for n in names)
   assert not any("proj" in n and "kernel" in n for n in names)
+
+
+def test_pruned_dense_model_runs_with_its_pattern_file(rng_seed, tmp_path):
+  """prune_to_block_sparse keeps the k largest-L1 blocks per output column block; with
+  pattern="file" the block-sparse model's logits equal the dense model with the pruned
+  (block-masked) kernels, and the patterns are the score-chosen ones."""
+  from sparsejax.layers.block_sparse_linear import (prune_to_block_sparse,
+                                                    save_patterns)
+  tokens = jax.random.randint(jax.random.key(rng_seed), (2, 8), 0, 256)
+  dense_model = model_for("dense")
+  dense = sharding.unbox(jax.jit(dense_model.init)(jax.random.key(rng_seed), tokens))
+  params, patterns = prune_to_block_sparse(dense["params"], block=(16, 16), density=0.25)
+  path = str(tmp_path / "patterns.npz")
+  save_patterns(path, patterns, (16, 16))
+  options = dict(block=(16, 16), pattern="file", pattern_file=path, impl="xla")
+  sparse_model = model_for("block_sparse", options)
+  shapes = jax.eval_shape(sparse_model.init, jax.random.key(0), tokens)["params"]
+  assert jax.tree.map(lambda a: a.shape, sharding.unbox(shapes)) == jax.tree.map(
+      lambda a: a.shape, params)
+  got = jax.jit(sparse_model.apply)({"params": params}, tokens)
+
+  def masked(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+      if isinstance(v, dict) and "kernel" in v:
+        key = "/".join(prefix + (k,))
+        c = 2 if k == "o_proj" else 1
+        shape = (int(np.prod(v["kernel"].shape[:c])), int(np.prod(v["kernel"].shape[c:])))
+        w = np.asarray(v["kernel"]).reshape(shape)
+        keep = np.zeros((shape[0] // 16, shape[1] // 16), bool)
+        keep[patterns[key][:, 0], patterns[key][:, 1]] = True
+        np.testing.assert_array_equal(keep.sum(0), max(1, round(shape[0] / 16 / 4)))
+        score = np.abs(w).reshape(shape[0] // 16, 16, -1, 16).sum(axis=(1, 3))
+        for j in range(keep.shape[1]):           # kept blocks outscore dropped ones
+          if (~keep[:, j]).any():
+            assert score[keep[:, j], j].min() >= score[~keep[:, j], j].max()
+        out[k] = {**v, "kernel": (w * np.kron(keep, np.ones((16, 16)))).reshape(
+            v["kernel"].shape)}
+      else:
+        out[k] = masked(v, prefix + (k,)) if isinstance(v, dict) else v
+    return out
+
+  want = jax.jit(dense_model.apply)({"params": masked(dense["params"])}, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="pattern file .* was written for blocks"):
+    model_for("block_sparse", dict(options, block=(32, 32))).init(
+        jax.random.key(0), tokens)
+  with pytest.raises(ConfigError, match=r"linear_options.pattern_file='' is invalid"):
+    registry.parse_options("linear", "block_sparse", dict(pattern="file"),
+                           "config.model.linear_options")
