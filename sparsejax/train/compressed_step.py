@@ -18,7 +18,8 @@ the optimizer state; restoring therefore needs the same number of data devices.
 
 Non-parameter model state updated by the forward pass (e.g. an MoE routing bias) is
 averaged over the devices (each computes it from its own batch shard). DGC's momentum
-correction is the momentum: the optimizer must not add its own (config.optim.b1 = 0).
+correction is the momentum: the optimizer must not add its own (config.optim.b1 = 0);
+its clipping is the devices' local clipping, so the optimizer does not clip again.
 
 Logged per step: `comm_bytes` (bytes of the arrays one device sends: values + indices of
 the sparsified matrices, the dense vectors), `dense_bytes` (the gradient one device
@@ -28,6 +29,7 @@ warm-up stage's fraction of each matrix sent).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -60,6 +62,15 @@ def check_supported(config: Any, mesh: jax.sharding.Mesh) -> None:
   check(cfg.method != "dgc" or config.optim.b1 == 0, "config.optim.b1", config.optim.b1,
         "0 with config.train.grad_compression.method='dgc' (DGC's momentum correction "
         "is the momentum; set config.train.grad_compression.momentum instead)")
+
+
+def optimizer_config(config: Any) -> Any:
+  """`config.optim` for the optimizer: with DGC its clipping moves into the devices'
+  local clipping (`gradient.clip_local`), so the optimizer does not clip the
+  aggregated gradient again (its norm counts the delayed, accumulated entries)."""
+  if config.train.grad_compression.method == "dgc":
+    return dataclasses.replace(config.optim, grad_clip_norm=0.0)
+  return config.optim
 
 
 def init_comm(cfg: gradient.GradCompressionConfig, params: Any,

@@ -69,7 +69,7 @@ class Trainer:
     compressed_step.check_supported(config, self.mesh)
     self.model = DecoderLM(config.model)
     self.tx, self.schedule = make_optimizer(
-        config.optim, config.train.num_steps,
+        compressed_step.optimizer_config(config), config.train.num_steps,
         extra_multipliers=config.model.lr_multipliers(config.train.num_steps))
     check(not (config.sparsity.enabled and config.train.grad_compression.enabled),
           "config.sparsity.algorithm", config.sparsity.algorithm,

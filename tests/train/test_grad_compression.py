@@ -10,6 +10,7 @@ import pytest
 
 from conftest import experiment_module, run_main, tiny_config_dict
 from sparsejax.sparsity import gradient
+from sparsejax.train import compressed_step
 from sparsejax.train import data as data_lib
 from sparsejax.train.config import parse_config
 from sparsejax.train.metrics import read_metrics
@@ -121,3 +122,14 @@ def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
   assert (workdir / "val_curves.png").stat().st_size > 0
   assert (workdir / "train_curves.png").stat().st_size > 0
   assert "grad_compression.py" in md.read_text()
+
+
+def test_dgc_moves_the_clipping_to_the_devices():
+  def optim(method, b1):
+    config = parse_config(tiny_config_dict(
+        optim=dict(b1=b1, grad_clip_norm=0.5),
+        train=dict(grad_compression=dict(method=method))))
+    return compressed_step.optimizer_config(config)
+  assert optim("dgc", 0.0).grad_clip_norm == 0.0
+  assert optim("topk_ef", 0.9).grad_clip_norm == 0.5
+  assert optim("none", 0.9).grad_clip_norm == 0.5
