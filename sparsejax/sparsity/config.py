@@ -81,6 +81,9 @@ class SparsityConfig:
             self.sparsity, f"1 - n/m = {1 - self.n / self.m:g} with granularity='nm'")
       check(self.schedule == "one_shot" or self.algorithm not in PRUNING,
             f"{prefix}.schedule", self.schedule, "'one_shot' with granularity='nm'")
+    check(not self.dense or self.algorithm not in ("global_magnitude", "l1"),
+          f"{prefix}.dense", self.dense, f"empty for algorithm={self.algorithm!r} (one "
+          "threshold for all tensors: leave tensors out with exclude)")
     check(self.algorithm == "l1" or self.sparsity > 0, f"{prefix}.sparsity",
           self.sparsity, f"> 0 for algorithm={self.algorithm!r}")
     check(self.algorithm != "l1" or self.l1_strength > 0, f"{prefix}.l1_strength",

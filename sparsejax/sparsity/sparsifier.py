@@ -217,15 +217,19 @@ class Sparsifier:
   # --- the optax transformation ---------------------------------------------------
 
   def init_masks(self, params: Any) -> dict[str, Any]:
-    """Initial masks: all True for pruning algorithms and L1; random masks at the
-    target densities (the granularity's) for static, SET and RigL."""
+    """Initial masks: all True for pruning algorithms and L1; the step-0 masks of the
+    dense weights' |w| for STE; random masks at the target densities (the
+    granularity's) for static, SET and RigL."""
     shapes = self.select(params)
     final = self.densities(shapes)
+    start = dict(zip(shapes, self._step_densities(0, list(final.values()))))
     key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
     masks = {}
     for i, (name, leaf) in enumerate((n, x) for n, x in named_leaves(params)
                                      if n in shapes):
       def make(w, i=i, name=name):
+        if self.algorithm.dense_weights:
+          return self.granularity.mask(name, jnp.abs(w).astype(jnp.float32), start[name])
         if not self.algorithm.starts_sparse:
           return jnp.ones(w.shape, jnp.bool_)
         noise = jax.random.uniform(jax.random.fold_in(key, i), w.shape)
@@ -298,6 +302,19 @@ class Sparsifier:
   def masks(self, opt_state: Any) -> dict[str, jax.Array]:
     """{param path name: bool mask} held in an optimizer (or TrainState.opt_state)."""
     return find_state(opt_state).masks
+
+  def with_masks(self, opt_state: Any, masks: dict[str, jax.Array]) -> Any:
+    """`opt_state` with its masks replaced by `masks` (same names and shapes), e.g. a
+    lottery ticket's masks for a `static` run; apply them to the params too
+    (`apply_masks`). Works on a SparsifierState or an optimizer state holding one."""
+    old = self.masks(opt_state)
+    if set(masks) != set(old) or any(jnp.shape(masks[n]) != jnp.shape(old[n]) for n in old):
+      raise ValueError(f"with_masks: masks must have the names and shapes of the "
+                       f"current ones ({sorted(old)})")
+    new = {n: jnp.asarray(masks[n], jnp.bool_) for n in old}
+    return jax.tree.map(lambda x: find_state(x)._replace(masks=new)
+                        if isinstance(x, SparsifierState) else x, opt_state,
+                        is_leaf=lambda x: isinstance(x, SparsifierState))
 
   def pre_forward(self, params: Any, opt_state: Any) -> Any:
     """The weights the forward pass uses: w ⊙ m with a straight-through gradient

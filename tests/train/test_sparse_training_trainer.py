@@ -168,7 +168,7 @@ def test_sparse_config_trains_two_steps(name, tmp_path):
   config = module["get_config"]()
   config.train.update(num_steps=2, eval_batches=1, eval_every=0, checkpoint_every=0,
                       sample_tokens=0)
-  config.data.update(batch_size=8)
+  config.data.update(batch_size=8, seq_len=32)
   config = parse_config(config)
   assert config.sparsity.enabled
   result = train(config, str(tmp_path))
