@@ -27,6 +27,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import subprocess
 import sys
 
@@ -291,9 +292,8 @@ def record(source, evaluator, calib_tokens, mesh) -> None:
   cfg = source.model_cfg
   lines = ["", f"## Post-training pruning: {os.path.basename(source.name.rstrip('/'))} "
            f"({today})", "",
-           f"`python experiments/prune.py {'--workdir' if source.run_config else '--hf_path'}"
-           f"={source.name} --record --calib_samples={_CALIB_SAMPLES.value} "
-           f"--calib_seq_len={_CALIB_SEQ_LEN.value} --eval_tokens={_EVAL_TOKENS.value}`"
+           f"`python experiments/prune.py "
+           f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
            f" — {jax.devices()[0].device_kind}, JAX {jax.__version__}, commit {commit}. "
            f"Model: {cfg.num_layers} layers, d_model {cfg.d_model}, ffn {cfg.ffn}; "
            f"calibration {_CALIB_SAMPLES.value} × {_CALIB_SEQ_LEN.value} tokens; "
