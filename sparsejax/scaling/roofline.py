@@ -2,10 +2,11 @@
 
 Per chip, a step needs at least its FLOPs at peak, its HBM bytes at HBM bandwidth and
 its ICI bytes at interconnect bandwidth; with perfect overlap it takes the largest of
-the three (Williams et al. 2009, "Roofline"), which is what `estimate` returns: a lower
-bound, optimistic about overlap, about the ICI (the chip's whole bidirectional
-bandwidth, all links at once) and about FLOPs the compiler could not count (Pallas
-kernels report only what their cost estimate declares).
+the three (Williams et al. 2009, "Roofline"), which is what `estimate` returns. It is
+optimistic about overlap, about the ICI (the chip's whole bidirectional bandwidth, all
+links at once) and about FLOPs the compiler could not count (Pallas kernels report only
+what their cost estimate declares); the HBM bytes are XLA's "bytes accessed" estimate,
+which counts every operand and result of every fused op and can exceed the real traffic.
 
 MFU (model FLOPs utilization, PaLM, Chowdhery et al. 2022) = model FLOPs per step /
 (chips × peak FLOP/s × step time); `model FLOPs` exclude rematerialization.
