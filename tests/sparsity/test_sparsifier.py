@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import runpy
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,13 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO
+from sparsejax.models.accounting import abstract_params
 from sparsejax.sparsity import cosine_drop_fraction, erk_densities, polynomial_sparsity
 from sparsejax.sparsity.config import SparsityConfig
+from sparsejax.sparsity.param_filter import named_leaves
 from sparsejax.sparsity.sparsifier import Sparsifier, SparsifierState, apply_masks
+from sparsejax.train.config import parse_config
 from sparsejax.validation import ConfigError
 
 LR = 0.1
@@ -232,6 +238,8 @@ def test_rigl_update_step_drops_grows_and_resets_adam_moments(rng_seed):
       assert np.all(np.asarray(adam.mu[layer]["kernel"])[grown] == 0)
       assert np.all(np.asarray(adam.nu[layer]["kernel"])[grown] == 0)
       assert np.any(np.asarray(adam.nu[layer]["kernel"])[new_m[name] & old_m[name]] != 0)
+    flips = sum(int((new_m[n] != old_m[n]).sum()) for n in SHAPES)
+    assert int(new_state.changes) == (flips if t == 2 else 0)
     params, state = new, new_state
   assert int(state.changes) > 0
 
@@ -351,3 +359,25 @@ def test_include_overrides_the_default_exclusions(rng_seed):
   state = sp.wrap_optax(optax.sgd(LR)).init(_params(rng_seed))
   assert sorted(sp.masks(state)) == sorted([*SHAPES, "embedding"])
   assert math.prod(sp.masks(state)["embedding"].shape) == 160
+
+
+@pytest.mark.parametrize("config_name,sparsified,dense", [
+    ("moe", ["block_0/ffn/w_gate", "block_0/ffn/w_up", "block_0/ffn/w_down",
+             "block_0/attention/q_proj/kernel", "block_0/attention/o_proj/kernel"],
+     ["embedding", "block_0/ffn/router", "block_0/attn_norm/scale", "final_norm/scale"]),
+    ("ultramem", ["memory_0/values", "memory_0/query", "memory_0/out",
+                  "block_0/ffn/up_proj/kernel"],
+     ["memory_0/keys", "memory_0/cores", "memory_0/key_norm", "embedding"]),
+])
+def test_default_filter_on_model_params(config_name, sparsified, dense):
+  """MoE experts and UltraMem value tables are masked; embeddings, an untied LM head,
+  routers, norms, product keys and Tucker cores are not (real parameter trees)."""
+  model = parse_config(runpy.run_path(f"{REPO}/experiments/configs/{config_name}.py")
+                       ["get_config"]()).model
+  sp = _sp(algorithm="magnitude", sparsity=0.5)
+  shapes = sp.select(abstract_params(model))
+  assert set(sparsified) <= shapes.keys()
+  assert not set(dense) & shapes.keys()
+  assert all(len(s) >= 2 for s in shapes.values())
+  untied = abstract_params(dataclasses.replace(model, tie_embeddings=False))
+  assert "lm_head" in dict(named_leaves(untied)) and "lm_head" not in sp.select(untied)

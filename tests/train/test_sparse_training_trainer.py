@@ -109,15 +109,22 @@ def test_ste_forward_uses_the_masked_weights(tmp_path):
   assert float(got) == pytest.approx(float(loss), rel=1e-6)
 
 
-def test_masks_are_sharded_like_their_params():
-  config = parse_config(tiny_config_dict(sparsity=RIGL,
-                                         mesh=dict(data=2, fsdp=2, tensor=2)))
+MOE = dict(ffn="moe", ffn_options=dict(num_experts=4, top_k=2))
+
+
+@pytest.mark.parametrize("model,mesh,sharded", [
+    ({}, dict(data=2, fsdp=2, tensor=2), "block_0/ffn/up_proj/kernel"),
+    pytest.param(MOE, dict(data=2, fsdp=1, tensor=2, expert=2), "block_0/ffn/w_up",
+                 marks=pytest.mark.slow)])
+def test_masks_are_sharded_like_their_params(model, mesh, sharded):
+  config = parse_config(tiny_config_dict(sparsity=RIGL, model=model, mesh=mesh))
   trainer = Trainer(config)
   state = trainer.init_state()
   params = dict(named_leaves(state.params))
-  for name, m in trainer.sparsifier.masks(state.opt_state).items():
+  masks = trainer.sparsifier.masks(state.opt_state)
+  assert sharded in masks and not masks[sharded].sharding.is_fully_replicated
+  for name, m in masks.items():
     assert m.sharding.is_equivalent_to(params[name].sharding, m.ndim)
-    assert not m.sharding.is_fully_replicated or params[name].sharding.is_fully_replicated
     assert np.all(np.asarray(params[name])[~np.asarray(m)] == 0)
 
 
