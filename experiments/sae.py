@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -33,6 +32,7 @@ import results_log  # noqa: E402
 from sparsejax.sae.config import parse_run_config, run_config_to_dict  # noqa: E402
 from sparsejax.sae.run import train_sae  # noqa: E402
 from sparsejax.train.checkpoint import quiet_orbax_logs  # noqa: E402
+from sparsejax.train.metrics import read_metrics  # noqa: E402
 from sparsejax.validation import ConfigError, run_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,9 +58,9 @@ DEAD_N = 2048
 def record_runs() -> list[tuple[str, str, dict]]:
   runs = [("k", f"k{k}", dict(k=k, num_latents=SWEEP_N)) for k in K_SWEEP]
   runs += [("n", f"n{n}", dict(k=SWEEP_K, num_latents=n)) for n in N_SWEEP]
-  runs += [("dead", "auxk_tied", dict(k=SWEEP_K, num_latents=DEAD_N)),
-           ("dead", "no_auxk_untied", dict(k=SWEEP_K, num_latents=DEAD_N, aux_coeff=0.0,
-                                           tied_init=False))]
+  runs += [("dead", f"{'auxk' if aux else 'no_auxk'}_{'tied' if tied else 'untied'}",
+            dict(k=SWEEP_K, num_latents=DEAD_N, aux_coeff=(1 / 32) if aux else 0.0,
+                 tied_init=tied)) for aux in (True, False) for tied in (True, False)]
   return runs
 
 
@@ -89,24 +89,27 @@ def record(base) -> None:
   rows = []
   for sweep, name, sae in record_runs():
     cfg = parse_run_config({**base_dict, "sae": {**base_dict["sae"], **sae}})
-    t0 = time.perf_counter()
-    result = train_sae(cfg, os.path.join(_WORKDIR.value, name))
+    workdir = os.path.join(_WORKDIR.value, name)
+    result = train_sae(cfg, workdir)   # a finished run in workdir is only evaluated
     dead = result.state.model_state["sae"]["tokens_since_fired"] >= cfg.sae.dead_tokens
+    peak = max(r["dead_fraction"] for r in read_metrics(
+        os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train")
     rows.append({"sweep": sweep, "name": name, "k": cfg.sae.k,
                  "num_latents": cfg.sae.num_latents, "aux_coeff": cfg.sae.aux_coeff,
-                 "tied_init": cfg.sae.tied_init, "seconds": time.perf_counter() - t0,
-                 "dead_fraction": float(dead.mean()), **result.metrics})
+                 "tied_init": cfg.sae.tied_init, "dead_fraction": float(dead.mean()),
+                 "peak_dead_fraction": peak, **result.metrics})
     print(f"{name}: {_summary(result.metrics)}, dead {rows[-1]['dead_fraction']:.3f}")
   env = results_log.environment()
   with open(os.path.join(results_log.REPO, "benchmarks", "sae.jsonl"), "a") as f:
     for row in rows:
       f.write(json.dumps({**env, "source": base_dict["source"], **row}) + "\n")
   header = ("| run | k | latents | AuxK coeff | tied init | val NMSE | L0 | dead latents "
-            "| Δ CE (SAE) | Δ CE (zero) | loss recovered |\n"
+            "(end / max logged) | Δ CE (SAE) | Δ CE (zero) | loss recovered |\n"
             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
   lines = [f"| {r['name']} | {r['k']} | {r['num_latents']} | {r['aux_coeff']:.4g} | "
            f"{r['tied_init']} | {r['nmse']:.4f} | {r['l0']:.1f} | "
-           f"{100 * r['dead_fraction']:.1f}% | {r['delta_ce']:+.4f} | "
+           f"{100 * r['dead_fraction']:.1f}% / {100 * r['peak_dead_fraction']:.1f}% | "
+           f"{r['delta_ce']:+.4f} | "
            f"{r['delta_ce_zero']:+.4f} | {100 * r['ce_recovered']:.1f}% |" for r in rows]
   src = base.source
   body = (f"TopK SAEs on `{src.site}` of the model in `{src.workdir or src.hf_path}`, "
