@@ -80,7 +80,8 @@ def _kernel2d(params, i, name):
   return k.reshape(k.shape[0], -1)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda",
+                                    pytest.param("sparsegpt", marks=pytest.mark.slow)])
 def test_sequential_blocks_match_reference(method):
   """Block i is pruned from the inputs that the already-pruned blocks 0..i-1 feed it."""
   cfg, boxed, state, tokens = _model(1)
@@ -148,6 +149,7 @@ def test_eight_devices_equal_one_device(method, nm):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_experts_use_their_routed_tokens_and_unrouted_fall_back_to_magnitude():
   cfg, boxed, state, tokens = _model(4, ffn="moe", ffn_options=dict(
       num_experts=4, top_k=1, scoring="sigmoid"))
