@@ -49,20 +49,20 @@ _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per variant (init and masks).")
 _RECORD = flags.DEFINE_bool("record", False, "Append the section to benchmarks/RESULTS.md.")
 
 # The recorded setup: ≈ 25 min for all runs of both seeds on a shared 2-core CPU.
-FULL = dict(model=dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4,
+FULL = dict(model=dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4,
                        num_kv_heads=2, d_ff=0, tie_embeddings=True, dtype="float32"),
-            data=dict(seq_len=64, batch_size=16, seed=0),
+            data=dict(seq_len=32, batch_size=16, seed=0),
             optim=dict(learning_rate=3e-3, warmup_steps=20),
-            train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=8,
-                       checkpoint_every=150, sample_tokens=0),
+            train=dict(num_steps=200, log_every=25, eval_every=100, eval_batches=8,
+                       checkpoint_every=100, sample_tokens=0),
             mesh=dict(data=1))
 QUICK = sweep.deep_update(FULL, dict(
-    model=dict(d_model=32), data=dict(seq_len=32, batch_size=8),
+    data=dict(batch_size=8),
     optim=dict(warmup_steps=2),
     train=dict(num_steps=8, log_every=4, eval_every=0, eval_batches=2,
                checkpoint_every=4)))
 LOTTERY_ROUNDS = {"full": 3, "quick": 1}
-UPDATE_EVERY = 25   # RigL/SET Δt, pruning's Δt (a 300-step run: 8 RigL updates)
+UPDATE_EVERY = 20   # RigL/SET Δt, pruning's Δt (a 200-step run: 7 RigL updates)
 
 
 def variants(base: dict, sparsities: tuple[float, ...]) -> dict[str, dict]:
