@@ -24,7 +24,9 @@ MoE FFNs ("moe"): expert e's w_gate/w_up Hessian is over the tokens routed to e 
 top-k under the model's router and bias), w_down's over those tokens' hidden
 activations act(x W_gate,e) ⊙ x W_up,e — every routed token, as dropless dispatch
 computes (a capacity-dropped token still counts). An expert no calibration token is
-routed to is pruned by magnitude and listed in `PruneResult.unrouted`. The router,
+routed to is pruned by magnitude and listed in `PruneResult.unrouted`. Per calibration
+batch of N tokens the expert inputs are materialized as [N, E, D] and [N, E, F] with a
+routing mask (E× the routed work; lower --calib_batch_size for many experts). The router,
 norms, embeddings and memory tables stay dense, unless `prune_embeddings`
 (embedding and untied lm_head) or `prune_memory_values` (memory `values` tables) ask
 for layer-wise magnitude pruning of those.
