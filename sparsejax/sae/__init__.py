@@ -1,7 +1,7 @@
 """TopK sparse autoencoders (Gao et al. 2024) on the activations of sparsejax models.
 
 `model`: the SAE math (encode/decode, AuxK loss, decoder constraints, geometric-median
-init); `capture`: activations at a named site of a `DecoderLM`, streamed, and the
+init); `sharded_topk`: the exact top-k of latents split over "tensor"; `capture`: activations at a named site of a `DecoderLM`, streamed, and the
 downstream loss with an SAE spliced in; `trainer`: the jitted, sharded SAE train step
 and the checkpointed training loop behind `experiments/sae.py`.
 """

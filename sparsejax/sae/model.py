@@ -21,8 +21,9 @@ accounts for — and L = ‖x_s − x̂_s‖²·s + aux_coeff · ‖e − ê‖�
 s = 1 / mean‖x_s − mean(x_s)‖² over the init sample (so the first term is the
 normalized MSE, NMSE). The AuxK term is 0 when no latent is dead.
 
-Sharding: the latent axis uses the logical name "sae_latent", mapped to the mesh's
-"tensor" axis (`param_specs`), so wide SAEs split W_enc, b_lat and W_dec over it.
+Sharding: `param_specs` puts the latent axis of W_enc, b_lat and W_dec on the mesh's
+"tensor" axis; with such a mesh in context the top-k runs shard by shard without
+gathering the latents (`sparsejax.sae.sharded_topk`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.ops.topk import topk_sparsify
+from sparsejax.sae import sharded_topk
 from sparsejax.validation import check
 
 
@@ -124,7 +126,10 @@ def init_params(key: jax.Array, cfg: SAEConfig, sample: jax.Array,
 def _topk_relu(a: jax.Array, k: int, impl: str) -> jax.Array:
   """ReLU(TopK_k(a)) per row, gradient only through the kept positive entries."""
   r = jax.nn.relu(a)
-  keep = topk_sparsify(jax.lax.stop_gradient(r), k, impl=impl) > 0
+  if sharded_topk.applies(r.shape[-1], k):   # latents split over "tensor": no gather
+    keep = sharded_topk.topk_mask(jax.lax.stop_gradient(r), k, impl)
+  else:
+    keep = topk_sparsify(jax.lax.stop_gradient(r), k, impl=impl) > 0
   return jnp.where(keep, r, 0.0)
 
 
