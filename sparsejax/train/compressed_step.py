@@ -6,7 +6,10 @@ Enabled by `config.train.grad_compression.method` ("topk_ef" | "dgc"). Inside
 its own batch shard, compresses it (`sparsejax.sparsity.gradient`), `all_gather`s the
 (values, int32 indices) of every matrix over the "data" axis and scatter-adds them; the
 mean over devices goes to the configured optimizer, which updates the replicated params
-identically on every device.
+identically on every device. Like the plain step it differentiates at
+`trainer.forward_params` (the masked weights under `config.sparsity`) and logs the
+sparsity metrics; the trainer still refuses that combination (a gradient-grown mask,
+RigL, would grow from the compressed gradient).
 
 Supported mesh: pure data parallel, config.mesh.fsdp = tensor = expert = 1 (params
 replicated, the batch split over "data"; a single device is the degenerate N = 1).
@@ -135,7 +138,8 @@ def make_step(trainer: Any):
 
   def step(state, batch):
     mean, comm, model_state, metrics, sent = exchange(
-        state.params, state.model_state, state.grad_comm, batch, state.step)
+        trainer.forward_params(state), state.model_state, state.grad_comm, batch,
+        state.step)
     updates, opt_state = trainer.tx.update(mean, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     dense = sum(gradient.payload(p) for p in jax.tree.leaves(state.params))
@@ -143,7 +147,8 @@ def make_step(trainer: Any):
     metrics.update(grad_norm=optax.tree.norm(mean), lr=trainer.schedule(state.step),
                    comm_bytes=sent, dense_bytes=jnp.float32(dense),
                    compression=dense / sent,
-                   grad_ratio=jnp.asarray(ratios, jnp.float32)[stage])
+                   grad_ratio=jnp.asarray(ratios, jnp.float32)[stage],
+                   **trainer.sparsity_metrics(opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state, grad_comm=comm), metrics
 
