@@ -48,4 +48,4 @@ aot-deps: $(VENV)/.installed
 	  "$$($(PY) -c 'from sparsejax.scaling.tpu import libtpu_requirement as r; print(r())')"
 
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) workdir .jax_cache

@@ -109,6 +109,7 @@ from sparsejax.ops.topk import topk_sparsify  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_log import RESULTS_MD, git_commit  # noqa: E402  (sibling modules)
 from timing import time_methods  # noqa: E402
+import launch_sweep  # noqa: E402
 
 KERNELS = ("topk", "memory", "attention", "nsa", "sparse_matmul")
 KERNEL_MODULES = ("pallas_kernels.topk", "pallas_kernels.memory_lookup",
@@ -125,6 +126,8 @@ _KERNELS = flags.DEFINE_list("kernels", list(KERNELS), f"Subset of {KERNELS}.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed samples per method (median).")
 _MIN_SAMPLE_MS = flags.DEFINE_float("min_sample_ms", 10.0, "Each sample repeats the "
                                     "call until it lasts at least this.")
+_SWEEP = flags.DEFINE_bool("sweep", None, "After the checks, sweep the GPU kernels' "
+                           "num_stages x num_warps (launch_sweep.py); default: on a GPU.")
 _SEED = flags.DEFINE_integer("seed", -1, "PRNG seed (-1: from the clock, recorded).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (default benchmarks/"
                            "device_check_<device>_<date>.json).")
@@ -525,7 +528,10 @@ def markdown_section(report: dict) -> str:
           f"{' (dirty tree)' if h['git_dirty'] else ''}, {h['mode']} shapes, impl "
           f"{h['impl']} vs xla, seed {h['seed']}, {roof_s}.\n\n"
           f"```\n{h['command']}\n```\n\n{format_table(report['records'])}\n\n"
-          f"**{verdict(report['records'])}**\n")
+          f"**{verdict(report['records'])}**\n"
+          + (f"\nGPU launch sweep (`launch_sweep.py`; bold: the fastest launch):\n\n"
+             f"{launch_sweep.markdown_table(report['sweep'])}\n" if report.get("sweep")
+             else ""))
 
 
 def append_markdown(path: str, report: dict) -> None:
@@ -569,7 +575,7 @@ def check_imports() -> list[str]:
 def run(*, mode: str, impl: str, kernels, repeats: int = 5, min_sample_ms: float = 10.0,
         seed: int = -1, out: str | None = None, out_dir: str | None = None,
         results_md: str | None = None, command: str | None = None,
-        timing: bool | None = None) -> dict:
+        timing: bool | None = None, sweep: bool = False) -> dict:
   """Builds and checks the cases of `kernels` at `mode` ("full" | "quick" | "tiny")
   sizes, timed when `timing` (default: impl == "pallas"); prints progress, the table
   and the verdict; writes the JSON (and the markdown section when `results_md`).
@@ -612,6 +618,17 @@ def run(*, mode: str, impl: str, kernels, repeats: int = 5, min_sample_ms: float
       print_progress(records[-1])
   report = dict(header=header, records=records)
   print("\n" + format_table(records) + "\n")
+  if sweep:
+    report["sweep"] = launch_sweep.sweep(
+        key, mode=mode, interpret=impl == "interpret", timing=timing, repeats=repeats,
+        min_sample_s=min_sample_ms / 1e3)
+    print("# GPU launch sweep (num_stages x num_warps)\n\n"
+          + launch_sweep.markdown_table(report["sweep"]) + "\n")
+    for r in report["sweep"]:
+      if r["status"] == "FAIL":
+        print(f"LAUNCH SWEEP FAIL {r['kernel']} num_stages={r['num_stages']} "
+              f"num_warps={r['num_warps']}: max error {r['max_error']:.3g} vs the "
+              "default launch", flush=True)
   path = out or default_json_path(dev.device_kind, date, out_dir)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
@@ -656,8 +673,10 @@ def main(argv):
                kernels=_KERNELS.value,
                repeats=_REPEATS.value, min_sample_ms=_MIN_SAMPLE_MS.value,
                seed=_SEED.value, out=_OUT.value, out_dir=_OUT_DIR.value,
-               results_md=results_md or None)
-  if any(r["status"] == "FAIL" for r in report["records"]):
+               results_md=results_md or None,
+               sweep=(jax.devices()[0].platform == "gpu" if _SWEEP.value is None
+                      else _SWEEP.value))
+  if any(r["status"] == "FAIL" for r in report["records"] + report.get("sweep", [])):
     sys.exit(1)
 
 

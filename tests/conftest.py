@@ -2,7 +2,8 @@
 
 Tests compile hundreds of tiny XLA programs and run each a few times, so XLA:CPU's
 LLVM optimization is turned off (`--xla_backend_optimization_level=0`): it halves the
-suite's time. Subprocesses (the CLI end-to-end tests, notebook kernels) inherit it.
+suite's time. Subprocesses (the CLI end-to-end tests, notebook kernels) inherit it,
+and the persistent compilation cache in `.jax_cache/` (shared by all of them).
 """
 
 import contextlib
@@ -11,6 +12,14 @@ import os
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+# One persistent compilation cache for the pytest workers and every subprocess they
+# start (CLI tests, notebook kernels): the many tests that build the same tiny models
+# compile each program once per run instead of once per process. No size limit: LRU
+# eviction races between the processes (`make clean` empties it).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # With libtpu importable (the `tpu-aot` extra) plain JAX would probe for a TPU and print
 # libtpu's init errors on this CPU suite; TPU programs are compiled ahead of time by
 # tests/tpu_aot.py instead. On a TPU host, run with JAX_PLATFORMS=tpu,cpu.
