@@ -167,6 +167,22 @@ def _csr(major, minor, valid, n_major: int, n_minor: int, width: int):
   return minor[slots], slots, jnp.minimum(counts, width)
 
 
+def _csr_numpy(major, minor, valid, n_major: int, n_minor: int, width: int):
+  """`_csr` for concrete (NumPy) inputs, evaluated here: the tables become constants
+  of the program (no device op runs, so it also works under a compile-only mesh)."""
+  del n_minor
+  order = np.lexsort((minor, np.where(valid, major, n_major)))
+  order = order[valid[order]].astype(np.int32)                  # the valid, sorted
+  counts = np.bincount(major[order], minlength=n_major).astype(np.int32)
+  pos = np.arange(order.size) - (np.cumsum(counts) - counts)[major[order]]
+  table = np.zeros((n_major, width), np.int32)
+  fits = pos < width
+  table[major[order][fits], pos[fits]] = order[fits]
+  last = np.clip(np.minimum(np.arange(width)[None], counts[:, None] - 1), 0, None)
+  slots = np.take_along_axis(table, last, axis=1)
+  return minor[slots], slots, np.minimum(counts, width)
+
+
 def block_tables(block_index, shape: tuple[int, int], block: tuple[int, int], *,
                  max_blocks_per_col: int | None = None,
                  max_blocks_per_row: int | None = None) -> dict[str, jax.Array]:
@@ -176,23 +192,22 @@ def block_tables(block_index, shape: tuple[int, int], block: tuple[int, int], *,
   [nnz]. Widths: see the module docstring."""
   nbr, nbc = block_grid(shape, block)
   known = _concrete(block_index)
-  block_index = jnp.asarray(block_index, jnp.int32)
+  xp, csr = (jnp, _csr) if known is None else (np, _csr_numpy)
+  block_index = xp.asarray(block_index if known is None else known).astype(xp.int32)
   r, c = block_index[:, 0], block_index[:, 1]
+  valid = (r >= 0) & (r < nbr) & (c >= 0) & (c < nbc)
   col_counts = row_counts = None
   if known is not None:
-    kr, kc = known[:, 0], known[:, 1]
-    ok = (kr >= 0) & (kr < nbr) & (kc >= 0) & (kc < nbc)
-    col_counts = np.bincount(kc[ok], minlength=nbc)
-    row_counts = np.bincount(kr[ok], minlength=nbr)
+    col_counts = np.bincount(c[valid], minlength=nbc)
+    row_counts = np.bincount(r[valid], minlength=nbr)
   mc = _bound(max_blocks_per_col, col_counts, nbr, "max_blocks_per_col")
   mr = _bound(max_blocks_per_row, row_counts, nbc, "max_blocks_per_row")
-  valid = (r >= 0) & (r < nbr) & (c >= 0) & (c < nbc)
-  rows, cols = jnp.clip(r, 0, nbr - 1), jnp.clip(c, 0, nbc - 1)
-  col_rows, col_slots, col_n = _csr(cols, rows, valid, nbc, nbr, mc)
-  row_cols, row_slots, row_n = _csr(rows, cols, valid, nbr, nbc, mr)
+  rows, cols = xp.clip(r, 0, nbr - 1), xp.clip(c, 0, nbc - 1)
+  col_rows, col_slots, col_n = csr(cols, rows, valid, nbc, nbr, mc)
+  row_cols, row_slots, row_n = csr(rows, cols, valid, nbr, nbc, mr)
   return dict(col_rows=col_rows, col_slots=col_slots, col_counts=col_n,
               row_cols=row_cols, row_slots=row_slots, row_counts=row_n,
-              block_rows=rows, block_cols=cols, block_valid=valid.astype(jnp.int32))
+              block_rows=rows, block_cols=cols, block_valid=valid.astype(xp.int32))
 
 
 def check_block_index(block_index, shape, block, max_blocks_per_col=None,
@@ -216,15 +231,12 @@ def check_block_index(block_index, shape, block, max_blocks_per_col=None,
 
 
 def _tables(block_index, shape, block, max_per_col, max_per_row):
-  """`block_tables`, evaluated now (constants of the program) for a concrete index;
-  behind an optimization barrier for a traced one, so that XLA does not fuse (and
-  recompute per gathered element) the sort and scatters that build them."""
-  build = lambda: block_tables(block_index, shape, block, max_blocks_per_col=max_per_col,
-                               max_blocks_per_row=max_per_row)
-  if _concrete(block_index) is not None:
-    with jax.ensure_compile_time_eval():
-      return jax.tree.map(np.asarray, build())
-  return lax.optimization_barrier(build())
+  """`block_tables`: NumPy constants of the program for a concrete index; behind an
+  optimization barrier for a traced one, so that XLA does not fuse (and recompute per
+  gathered element) the sort and scatters that build them."""
+  t = block_tables(block_index, shape, block, max_blocks_per_col=max_per_col,
+                   max_blocks_per_row=max_per_row)
+  return t if _concrete(block_index) is not None else lax.optimization_barrier(t)
 
 
 # ----------------------------------------------------------------------------- XLA path

@@ -56,17 +56,25 @@ def test_tables_of_a_traced_index_equal_the_concrete_ones(rng_seed):
   _, mask = random_weight(rng, 32, 48, (8, 8))
   _, index = to_block_sparse(np.zeros((32, 48)), mask, (8, 8))
   index = rng.permutation(index)
-  want = block_tables(index, (32, 48), (8, 8))
+  extra = np.concatenate([index[:1], [[-1, 2], [4, 0], [0, 6]]]).astype(np.int32)
+  want = block_tables(np.concatenate([index, extra]), (32, 48), (8, 8))
+  assert isinstance(want["col_rows"], np.ndarray)         # concrete: NumPy constants
   mc, mr = want["col_rows"].shape[1], want["row_cols"].shape[1]
   got = jax.jit(lambda i: block_tables(i, (32, 48), (8, 8), max_blocks_per_col=mc,
-                                       max_blocks_per_row=mr))(index)
+                                       max_blocks_per_row=mr))(
+      np.concatenate([index, extra]))
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  assert mc == mask.sum(0).max() and mr == mask.sum(1).max()
+  dup = np.zeros_like(mask, int)
+  dup[index[0, 0], index[0, 1]] = 1                       # the duplicated block
+  assert mc == (mask + dup).sum(0).max() and mr == (mask + dup).sum(1).max()
+  np.testing.assert_array_equal(want["block_valid"], [1] * (len(index) + 1) + [0] * 3)
+  full = np.concatenate([index, extra])
   for j in range(6):                     # column j's table lists its blocks by row
     n = int(want["col_counts"][j])
-    np.testing.assert_array_equal(want["col_rows"][j, :n], np.nonzero(mask[:, j])[0])
-    np.testing.assert_array_equal(index[want["col_slots"][j, :n], 1], j)
+    np.testing.assert_array_equal(want["col_rows"][j, :n],
+                                  np.repeat(np.arange(4), (mask + dup)[:, j]))
+    np.testing.assert_array_equal(full[want["col_slots"][j, :n], 1], j)
 
 
 CASES = {  # impl, kernel platform, K, N, block
