@@ -1,6 +1,6 @@
 """TopK SAE on the residual stream after block 1 of a small trained dense model.
 
-Train the model first (≈3 min on a 2-core CPU), then the SAE (≈1 min):
+Train the model first (≈3 min on a 2-core CPU), then the SAE (a few minutes):
 
   python experiments/train.py --config=experiments/configs/dense.py --workdir=workdir/dense
   python experiments/sae.py --config=experiments/configs/sae.py --workdir=workdir/sae \

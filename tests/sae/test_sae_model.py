@@ -238,3 +238,15 @@ def test_step_projects_decoder_gradient_before_adam(rng_seed):
   want = (w + step) / np.linalg.norm(w + step, axis=1, keepdims=True)
   new, _ = trainer.train_step(state, x)
   np.testing.assert_allclose(new.params["W_dec"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_experiment_config_file_parses():
+  import os
+  import runpy
+  from conftest import REPO
+  from sparsejax.sae.config import parse_run_config
+  path = os.path.join(REPO, "experiments", "configs", "sae.py")
+  config = parse_run_config(runpy.run_path(path)["get_config"]())
+  assert config.sae.k < config.sae.num_latents and config.source.site == "resid_1"
+  assert "python experiments/sae.py --config=experiments/configs/sae.py" in \
+      runpy.run_path(path)["__doc__"]
