@@ -14,12 +14,12 @@ direction, kept unit-norm), b_pre [d]. The top-k selection is the library's
 gradient is not used: the gradient reaches only the kept, positive pre-activations, as
 in the paper.
 
-AuxK (paper §A.2): latents that have not fired for `dead_tokens` tokens are dead. The
+AuxK (the paper's auxiliary loss): latents that have not fired for `dead_tokens` tokens are dead. The
 top-`k_aux` of the dead latents' pre-activations reconstruct the main model's error
 e = x_s − x̂_s (held constant):  ê = z_aux @ W_dec — without b_pre, which e already
-accounts for — and L = ‖x_s − x̂_s‖²·s + aux_coeff · ‖e − ê‖² / ‖e‖², where
-s = 1 / mean‖x_s − mean(x_s)‖² over the init sample (so the first term is the
-normalized MSE, NMSE). The AuxK term is 0 when no latent is dead.
+accounts for — and L = s·mean(x_s − x̂_s)² + aux_coeff · mean(e − ê)² / mean(e²),
+with s = 1 / mean(x_s − mean(x_s))² over the init sample (means over tokens and
+dimensions; so the first term is the normalized MSE, NMSE). The AuxK term is 0 when no latent is dead.
 
 Sharding: `param_specs` puts the latent axis of W_enc, b_lat and W_dec on the mesh's
 "tensor" axis; with such a mesh in context the top-k runs shard by shard without
