@@ -55,7 +55,7 @@ FULL = dict(model=dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4,
             optim=dict(learning_rate=3e-3, warmup_steps=20),
             train=dict(num_steps=200, log_every=25, eval_every=100, eval_batches=8,
                        checkpoint_every=100, sample_tokens=0),
-            mesh=dict(data=1))
+            mesh=dict(data=-1))
 QUICK = sweep.deep_update(FULL, dict(
     data=dict(batch_size=8),
     optim=dict(warmup_steps=2),

@@ -5,6 +5,7 @@ round, report and the RESULTS.md section, a rerun that trains nothing)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_quick_record(repro, tmp_path, monkeypatch, capsys):
   md = tmp_path / "RESULTS.md"
   monkeypatch.setattr(repro.results_log, "RESULTS_MD", str(md))
   argv = ["sparse_training", "--quick", f"--workdir={tmp_path / 'run'}", "--record"]
+  monkeypatch.setattr(sys, "argv", argv)   # the recorded command
   run_main(repro, argv)
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   losses = results["losses"]
