@@ -62,13 +62,20 @@ def _pow2(n: int) -> bool:
   return n >= 1 and not n & (n - 1)
 
 
-def default_block_m(backend: str, m: int, dtype) -> int:
-  """Token tile: TPU min(512, M rounded up to the sublane tile: 8 rows f32, 16 bf16);
-  GPU min(64, next power of two >= max(M, 16))."""
+def default_block_m(backend: str, m: int, dtype, k: int = 0, n: int = 0,
+                    block: tuple[int, int] = (128, 128)) -> int:
+  """Token tile. TPU: min(512, M rounded up to the sublane tile: 8 rows f32, 16 bf16),
+  halved while the kernels' VMEM (`tpu.vmem_bytes` for a [K, N] weight: the resident
+  [tm, K] / [tm, N] panels) exceeds `tpu.VMEM_BUDGET`; GPU: min(64, next power of two
+  >= max(M, 16))."""
   if backend == "gpu":
     return min(GPU_BLOCK_M, max(16, pl.next_power_of_2(max(m, 1))))
-  sub = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-  return min(TPU_BLOCK_M, -(-max(m, 1) // sub) * sub)
+  b = jnp.dtype(dtype).itemsize
+  sub = 8 * max(1, 4 // b)
+  tm = min(TPU_BLOCK_M, -(-max(m, 1) // sub) * sub)
+  while tm > sub and max(vmem_bytes(tm, *block, b, k, n).values()) > VMEM_BUDGET:
+    tm = max(sub, -(-(tm // 2) // sub) * sub)
+  return tm
 
 
 def table_chunk(rows: int, slots: int, budget: int = SMEM_TABLE_BYTES) -> int:
@@ -102,8 +109,8 @@ def kernel_unmet(k: int, n: int, block: tuple[int, int], x_dtype, w_dtype, backe
   if 4 * (2 * max(m_slots) + 1) > smem_table_bytes:
     return (f"{max(m_slots)} stored blocks in one column/row block exceed the "
             f"{smem_table_bytes}-byte scalar-prefetch table budget")
-  tm = block_m or TPU_BLOCK_M
-  need = max(vmem_bytes(tm, bh, bw, jnp.dtype(x_dtype).itemsize).values())
+  tm = block_m or default_block_m("tpu", TPU_BLOCK_M, x_dtype, k, n, block)
+  need = max(vmem_bytes(tm, bh, bw, jnp.dtype(x_dtype).itemsize, k, n).values())
   if need > VMEM_BUDGET:
     return f"VMEM footprint {need} bytes (block_m={tm}, block {bh}x{bw}) > {VMEM_BUDGET}"
   return None
@@ -182,7 +189,8 @@ def block_sparse_matmul_kernel(x, w_blocks, tables: BlockSparseTables, *, interp
   _check(x, w_blocks, tables, backend)
   m = x.shape[0]
   bh, bw = w_blocks.shape[1:]
-  tm = block_m or default_block_m(backend, m, x.dtype)
+  n = tables.col_counts.shape[0] * bw
+  tm = block_m or default_block_m(backend, m, x.dtype, x.shape[1], n, (bh, bw))
   mp = -(-max(m, 1) // tm) * tm
   xp = jnp.pad(x, ((0, mp - m), (0, 0)))
   xp, w_blocks, *tabs = match_vma(xp, w_blocks, *tables)
