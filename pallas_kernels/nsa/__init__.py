@@ -126,7 +126,7 @@ def tpu_footprint(*, b: int, t: int, s: int, hq: int, hkv: int, n: int, d: int, 
 
 
 def _check(q, k, v, block_idx, valid, select_block, block_q, backend, chunk_tokens,
-           tile_rows):
+           tile_rows, dkv_num_warps):
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -159,7 +159,10 @@ def _check(q, k, v, block_idx, valid, select_block, block_q, backend, chunk_toke
       if n < 16 or not _pow2(n):
         raise ValueError(f"{name}={n} must be a power of two >= 16 for the Triton "
                          "kernel (pl.dot tiles)")
-    for name, n, low in (("chunk_tokens", chunk_tokens, 1), ("tile_rows", tile_rows, 16)):
+    knobs = [("chunk_tokens", chunk_tokens, 1), ("dkv_num_warps", dkv_num_warps, 1)]
+    if tile_rows is not None:
+      knobs.append(("tile_rows", tile_rows, 16))
+    for name, n, low in knobs:
       if not isinstance(n, int) or n < low or not _pow2(n):
         raise ValueError(f"{name}={n!r} must be a power of two >= {low} (GPU dk/dv)")
 
@@ -283,7 +286,8 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
                          scale: float | None = None, q_positions=None,
                          block_q: int | None = None, interpret=False,
                          backend: str | None = None, num_warps: int = 4,
-                         chunk_tokens: int = 256, tile_rows: int = 128,
+                         chunk_tokens: int = 256, tile_rows: int | None = None,
+                         dkv_num_warps: int = 8,
                          smem_table_bytes: int = SMEM_TABLE_BYTES):
   """NSA selection-branch attention, differentiable in q, k, v (module docstring).
 
@@ -300,7 +304,9 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     chunk_tokens: GPU dk/dv: most entries of a kv block's token list per program
       (power of two; `chunk_list`).
     tile_rows: GPU dk/dv: matmul rows per inner step, tokens × next power of two >= G
-      (power of two >= 16; `gpu.dkv_tile`).
+      (power of two >= 16; `gpu.dkv_tile`); default 128 for bfloat16, 16 for float32
+      (`gpu.default_tile_rows`).
+    dkv_num_warps: Triton warps of the GPU dk/dv chunk kernel (power of two).
     smem_table_bytes: TPU: most bytes of scalar-prefetched tables per pallas_call;
       longer tables are split into several calls (`tpu_chunks`, `dkv_chunk`).
 
@@ -311,7 +317,7 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
   block_idx, valid = jnp.asarray(block_idx), jnp.asarray(valid)
   backend = default_backend() if backend is None else backend
   _check(q, k, v, block_idx, valid, select_block, block_q, backend, chunk_tokens,
-         tile_rows)
+         tile_rows, dkv_num_warps)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g, n, lsel = hq // hkv, block_idx.shape[3], select_block
@@ -425,7 +431,8 @@ def nsa_selection_kernel(q, k, v, block_idx, valid, *, select_block: int,
     def bwd(q, k, v, do, lse, di, tab):
       dq = nsa_dq_gpu(q, k, v, do, lse, di, tab[0], tab[1], **kw)
       dk, dv = nsa_dkv_gpu(q, k, v, do, lse, di, tab[1], tab[2], *tab[3], group=g,
-                           chunk_tokens=chunk_tokens, tile_rows=tile_rows, **kw)
+                           chunk_tokens=chunk_tokens, tile_rows=tile_rows,
+                           dkv_num_warps=dkv_num_warps, **kw)
       return dq, dk, dv
 
   @jax.custom_vjp

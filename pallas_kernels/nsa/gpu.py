@@ -27,11 +27,18 @@ dk/dv (`nsa_dkv_gpu`), two kernels, no atomics (deterministic):
   chunks — grid (B, Hkv, W), one program per listed (kv block, chunk): the K/V block
     is loaded once, then a dynamic `fori_loop` over ⌈(end − begin)/Tt⌉ steps of Tt
     tokens: the R = Tt·Gq rows (token, head) with Gq = next power of two ≥ G
-    (`dkv_tile`: Tt = tile_rows/Gq, default 128 rows) are gathered from q, do, LSE, di
-    and pos by token id (rows past the chunk's end or of heads ≥ G are masked), p and
-    ds [R, l'] are recomputed, dk += dsᵀ·q, dv += pᵀ·do accumulate in f32 registers
-    (the GQA group sum inside the matmul) and are stored once as the chunk's partials
-    [B, Hkv, W, l', D] / [.., Dv] f32; items past the total exit at once.
+    (`dkv_tile`: Tt = tile_rows/Gq) are gathered from q, do, LSE, di and pos by token
+    id (rows past the chunk's end or of heads ≥ G are masked), p and ds [R, l'] are
+    recomputed, dk += dsᵀ·q, dv += pᵀ·do accumulate in f32 registers (the GQA group
+    sum inside the matmul) and are stored once as the chunk's partials
+    [B, Hkv, W, l', D] / [.., Dv] f32; items past the total exit at once. Defaults
+    (`default_tile_rows`, dkv_num_warps 8) from ptxas's static report for sm_90a at
+    D = Dv = 128, l' = 64, G = 16 (not timed on a device): bf16 128 rows, 8 warps:
+    204 registers, 112 KiB shared memory, no spills (4 warps spill at every tile
+    size, as did the former one-token kernel); f32 (HIGHEST: IEEE FMA dots) 16 rows,
+    8 warps: 221 registers, 84 KiB, no spills (32+ rows spill 1.5–125 KB).
+    To time on a device: tile_rows {16, 32, 64, 128} × dkv_num_warps {4, 8} ×
+    chunk_tokens {64, 128, 256, 512}.
   sum — grid (B, Hkv, ns): block j adds its chunks' partials in list order (f32),
     dk = scale·Σ, both cast once; a block nobody selected gets exactly 0.
 
@@ -175,6 +182,12 @@ def nsa_dq_gpu(q, k, v, d_out, lse, di, sel, pos, *, scale, select_block, seq_le
   )(*args)
 
 
+def default_tile_rows(dtype) -> int:
+  """Default dk/dv tile rows: 128 for 2-byte inputs, 16 for float32 (whose HIGHEST dots
+  are FMA loops: ptxas spills at 32+ rows with D = 128, l' = 64, 8 warps)."""
+  return 128 if jnp.dtype(dtype).itemsize <= 2 else 16
+
+
 def dkv_tile(group: int, tile_rows: int, chunk_tokens: int) -> tuple[int, int]:
   """(Tt tokens per inner dk/dv step, Gq = next power of two >= G rows per token): the
   step is an [Tt·Gq, ·] matmul tile; Tt = tile_rows // Gq, at most chunk_tokens, at
@@ -238,14 +251,17 @@ def _dkv_sum_kernel(bnd_ref, pdk_ref, pdv_ref, dk_ref, dv_ref, *, scale, lsel, n
 
 def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, tokens, blocks, begins, ends, bounds, *,
                 scale, select_block, seq_len, num_selected, group, chunk_tokens=256,
-                tile_rows=128, interpret=False, num_warps=4):
+                tile_rows=None, interpret=False, num_warps=4, dkv_num_warps=8):
   """(dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]) from the inverse CSR `tokens` and its
   chunk list (`blocks`, `begins`, `ends` [B·Hkv·W], `bounds` [B·Hkv·(ns + 1)]): one
   program per listed chunk writes f32 partials [B, Hkv, W, l', D|Dv], a second kernel
-  sums each block's chunks in list order (module docstring)."""
+  sums each block's chunks in list order (module docstring). tile_rows None:
+  `default_tile_rows`; the chunk kernel runs with dkv_num_warps, the sum with
+  num_warps."""
   b, t, hkv, gp, d = q.shape
   s, dv, lsel = k.shape[2], v.shape[3], select_block
   nb, width = s // lsel, blocks.shape[0] // (b * hkv)
+  tile_rows = default_tile_rows(q.dtype) if tile_rows is None else tile_rows
   tile, gq = dkv_tile(group, tile_rows, chunk_tokens)
   visits = b * t * hkv * num_selected
   itemsize = q.dtype.itemsize
@@ -258,7 +274,7 @@ def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, tokens, blocks, begins, ends, boun
       grid=(b, hkv, width),
       out_shape=[out_struct((b, hkv, width, lsel, d), jnp.float32, *args),
                  out_struct((b, hkv, width, lsel, dv), jnp.float32, *args)],
-      compiler_params=triton_params(num_warps),
+      compiler_params=triton_params(dkv_num_warps),
       cost_estimate=pl.CostEstimate(
           flops=2 * visits * group * lsel * (2 * d + 2 * dv),
           transcendentals=visits * group * lsel,

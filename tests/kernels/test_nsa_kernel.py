@@ -153,6 +153,10 @@ def test_errors():
     nsa_selection_kernel(q, k, v, idx, valid, backend="tpu", block_q=5, **kw)
   with pytest.raises(ValueError, match="float32 or bfloat16"):
     nsa_selection_kernel(q.astype(jnp.float16), k, v, idx, valid, backend="tpu", **kw)
+  with pytest.raises(ValueError, match="chunk_tokens=48 must be a power of two"):
+    nsa_selection_kernel(q, k, v, idx, valid, backend="gpu", chunk_tokens=48, **kw)
+  with pytest.raises(ValueError, match="tile_rows=8 must be a power of two >= 16"):
+    nsa_selection_kernel(q, k, v, idx, valid, backend="gpu", tile_rows=8, **kw)
 
 
 def _custom_call_targets(lowered):
@@ -190,8 +194,8 @@ def test_gpu_lowering(dtype):
   lowered = _lowered("gpu", dtype)
   assert "__gpu$xla.gpu.triton" in _custom_call_targets(lowered)
   text = lowered.as_text()
-  assert "num_warps = 4" in text
-  for name in ("fwd", "dq", "dkv"):
+  assert "num_warps = 4" in text and "num_warps = 8" in text     # dk/dv chunks: 8
+  for name in ("fwd", "dq", "dkv", "dkv_sum"):
     assert f"nsa_selection_{name}_gpu" in text
 
 
@@ -216,10 +220,11 @@ def long_list_inputs(seed, b, t, s, hq, hkv, n, dtype):
 
 # (B, T, S, Hq, Hkv, n, chunk_tokens, tile_rows, dtype): G = 2 with one 8-token tile per
 # chunk (block 0's 64 entries = exactly 8 chunks); G = 3 (rows of head 3 masked), B = 2,
-# bf16, 4-token chunks; G = 1 with 16-token tiles, two per 32-token chunk.
+# bf16 with the default tile rows, 4-token chunks; G = 1 with 16-token tiles, two per
+# 32-token chunk.
 LONG_LIST_CASES = [
     (1, 64, 80, 4, 2, 3, 8, 16, jnp.float32),
-    pytest.param(2, 48, 64, 6, 2, 2, 4, 16, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param(2, 48, 64, 6, 2, 2, 4, None, jnp.bfloat16, marks=pytest.mark.slow),
     pytest.param(1, 64, 64, 2, 2, 2, 32, 16, jnp.float32, marks=pytest.mark.slow),
 ]
 
@@ -289,10 +294,10 @@ def test_chunk_list(rng_seed):
 def test_gpu_dkv_longest_walk():
   """GPU dk/dv at paper sizes (T = 32k, l' 64, n 16 with 1 initial + 2 local blocks
   forced, NSA's causal selection of random scores, one (batch, kv head) pair; G = 16,
-  default C = 256 and 128-row tiles so 8 tokens per step): the former kernel walked
-  block 0's whole list, 32,768 tokens one by one, in one program; the chunk list
-  gives 2,262 programs per pair (static width 2,558) of at most 32 steps, and the
-  sum kernel's longest walk is 128 partials."""
+  the bf16 defaults C = 256 and 128-row tiles, so 8 tokens per step): the former kernel
+  walked block 0's whole list, 32,768 tokens one by one, in one program; the chunk
+  list gives 2,262 programs per pair (static width 2,558) of at most 32 steps, and
+  the sum kernel's longest walk is 128 partials."""
   from pallas_kernels.nsa import chunk_list, chunk_width
   from pallas_kernels.nsa.gpu import dkv_tile
   t, lsel, n, c = 32768, 64, 16, 256
