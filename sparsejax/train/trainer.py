@@ -52,6 +52,8 @@ from sparsejax.train.state import (TrainState, split_variables, sown_metrics,
 from sparsejax.validation import ConfigError, check
 
 Hook = Callable[[int, TrainState], None]
+# Sparsity algorithms that score masks by the gradient (need the dense one).
+GRADIENT_SCORED = ("rigl", "snip")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -71,10 +73,10 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(
         compressed_step.optimizer_config(config), config.train.num_steps,
         extra_multipliers=config.model.lr_multipliers(config.train.num_steps))
-    check(not (config.sparsity.enabled and config.train.grad_compression.enabled),
-          "config.sparsity.algorithm", config.sparsity.algorithm,
-          "'none' with config.train.grad_compression (its step does not run the "
-          "masked forward)")
+    check(config.sparsity.algorithm not in GRADIENT_SCORED
+          or not config.train.grad_compression.enabled, "config.sparsity.algorithm",
+          config.sparsity.algorithm, f"not one of {GRADIENT_SCORED} with "
+          "config.train.grad_compression (it would score the compressed gradient)")
     self.sparsifier = (Sparsifier(config.sparsity, config.train.num_steps, self.schedule)
                        if config.sparsity.enabled else None)
     if self.sparsifier is not None:   # masks live in the optimizer state

@@ -156,11 +156,28 @@ def test_bad_sparsity_config_names_the_field(overrides, field):
     Trainer(parse_config(tiny_config_dict(sparsity=overrides)))
 
 
-def test_sparsity_with_gradient_compression_is_refused():
-  config = parse_config(tiny_config_dict(sparsity=RIGL,
-                                         train=dict(grad_compression=dict(method="topk_ef"))))
-  with pytest.raises(ConfigError, match=r"config\.sparsity\.algorithm='rigl'.*grad_compression"):
+def test_gradient_scored_sparsity_with_gradient_compression_is_refused():
+  config = parse_config(tiny_config_dict(
+      sparsity=RIGL, train=dict(grad_compression=dict(method="topk_ef"))))
+  with pytest.raises(ConfigError,
+                     match=r"config\.sparsity\.algorithm='rigl'.*grad_compression"):
     Trainer(config)
+
+
+@pytest.mark.slow   # trains (about 40 s on a 2-core CPU)
+def test_static_sparsity_trains_with_gradient_compression(tmp_path):
+  config = parse_config(tiny_config_dict(
+      sparsity=dict(algorithm="static", sparsity=0.8),
+      train=dict(num_steps=2, eval_every=0, checkpoint_every=0,
+                 grad_compression=dict(method="topk_ef"))))
+  result = train(config, str(tmp_path))
+  params = dict(named_leaves(_host(result.state.params)))
+  for name, m in _host(result.trainer.sparsifier.masks(result.state.opt_state)).items():
+    assert m.mean() == pytest.approx(0.2, abs=0.01)
+    assert np.all(params[name][~m] == 0)
+  record = [r for r in read_metrics(str(tmp_path / "metrics.jsonl"))
+            if r["split"] == "train"][-1]
+  assert record["sparsity/density"] == pytest.approx(0.2, abs=2e-3)
 
 
 CONFIGS = ["prune_gradual", "rigl", "set", "static_sparse", "nm_2_4"]
