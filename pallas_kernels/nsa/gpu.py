@@ -298,4 +298,4 @@ def nsa_dkv_gpu(q, k, v, d_out, lse, di, pos, tokens, blocks, begins, ends, boun
   )(*args)
 
 
-__all__ = ["nsa_fwd_gpu", "nsa_dq_gpu", "nsa_dkv_gpu", "dkv_tile"]
+__all__ = ["nsa_fwd_gpu", "nsa_dq_gpu", "nsa_dkv_gpu", "dkv_tile", "default_tile_rows"]
