@@ -105,30 +105,47 @@ class Checkpointer:
     saved tree raises CheckpointError naming the paths.
     """
     target = abstract_state
-    extra = self._extra_model_state(step, abstract_state)
+    saved_tree = self._saved_tree(step)
+    extra = self._extra_model_state(step, saved_tree, abstract_state)
     if extra:
       target = abstract_state.replace(model_state=traverse_util.unflatten_dict({
           **traverse_util.flatten_dict(abstract_state.model_state, keep_empty_nodes=True),
           **extra}))
+    # Fields that are None in the target and absent on disk (checkpoints written before
+    # the field existed, e.g. TrainState.grad_comm) are left out of the restore.
+    absent = [f.name for f in dataclasses.fields(target) if getattr(target, f.name) is None
+              and saved_tree is not None and f.name not in saved_tree]
+    item = ({f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+             if f.name not in absent} if absent else target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore()))
     state = restored.state
+    if absent:
+      state = target.replace(**state)
     if extra:
       state = state.replace(model_state=_like(state.model_state,
                                               abstract_state.model_state))
     return state, restored.data
 
-  def _extra_model_state(self, step: int, abstract_state: Any) -> dict[tuple, Any]:
-    """{path in model_state: replicated ShapeDtypeStruct} of the saved `model_state`
-    leaves that `abstract_state` lacks; CheckpointError for any other difference.
-    Unreadable metadata gives {}: the restore itself then reports the damage."""
+  def _saved_tree(self, step: int) -> dict | None:
+    """The saved state's metadata tree (nested dicts), None when it is unreadable (the
+    restore itself then reports the damage)."""
     with warnings.catch_warnings():   # orbax's unawaited coroutine on broken metadata
       warnings.simplefilter("ignore", RuntimeWarning)
       try:
-        saved = ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(
-            epath.Path(self.directory) / str(step) / "state").tree)
+        return ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.directory) / str(step) / "state").tree
       except Exception:  # pylint: disable=broad-except
-        return {}
+        return None
+
+  def _extra_model_state(self, step: int, saved_tree: dict | None,
+                         abstract_state: Any) -> dict[tuple, Any]:
+    """{path in model_state: replicated ShapeDtypeStruct} of the saved `model_state`
+    leaves that `abstract_state` lacks; CheckpointError for any other difference.
+    Unreadable metadata gives {}."""
+    if saved_tree is None:
+      return {}
+    saved = ocp.tree.to_flat_dict(saved_tree)
     want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state,
                                                          keep_empty_nodes=True))
     params_first = lambda keys: sorted(keys, key=lambda k: k[0] != "params")

@@ -1,4 +1,5 @@
-"""Checkpoints saved before the MoE `moe_state` bias became optional still restore.
+"""Checkpoints saved before the MoE `moe_state` bias became optional, or before
+`TrainState.grad_comm` existed, still restore.
 
 Softmax MoE runs with bias_update_rate=0 saved an always-zero `moe_state` bias in
 `TrainState.model_state`; the current model no longer creates it. Restoring reads and
@@ -7,6 +8,9 @@ drops such extra model_state entries; any other difference still fails, naming p
 
 import os
 
+from typing import Any
+
+import flax
 import jax
 import numpy as np
 import pytest
@@ -72,6 +76,38 @@ def test_extra_model_state_is_read_and_dropped(tmp_path, rng_seed):
 
   _, via_run, step = restore_run(str(tmp_path))
   assert step == 5 and via_run.model_state == {}
+  jax.tree.map(np.testing.assert_array_equal, _host(via_run.params), state.params)
+
+
+@flax.struct.dataclass
+class _StateBeforeGradComm:
+  """TrainState as saved before the `grad_comm` field (gradient compression) existed."""
+  step: Any
+  params: Any
+  opt_state: Any
+  model_state: Any
+
+
+def test_checkpoint_from_before_grad_comm_restores_and_resumes(tmp_path, rng_seed):
+  rng = np.random.default_rng(rng_seed)
+  config = parse_config(tiny_config_dict(train=dict(num_steps=4, log_every=2,
+                                                    eval_every=0, eval_batches=1,
+                                                    checkpoint_every=2)))
+  trainer = Trainer(config)
+  state = _random_state(trainer, rng).replace(step=np.int32(2))
+  assert state.grad_comm is None
+  old = _StateBeforeGradComm(state.step, state.params, state.opt_state, state.model_state)
+  _save(str(tmp_path / "checkpoints"), 2, old, config)
+
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  restored, _ = ckpt.restore(2, trainer.restore_target())
+  ckpt.close()
+  assert isinstance(restored, type(state)) and restored.grad_comm is None
+  assert jax.tree.structure(restored) == jax.tree.structure(trainer.abstract_state)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  _, via_run, step = restore_run(str(tmp_path / "checkpoints"))
+  assert step == 2 and via_run.grad_comm is None
   jax.tree.map(np.testing.assert_array_equal, _host(via_run.params), state.params)
 
 
