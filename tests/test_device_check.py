@@ -32,7 +32,7 @@ def test_interpret_run_checks_every_kernel(tmp_path, capsys):
     run_main(dc, ["device_check", "--interpret", f"--out_dir={tmp_path}",
                   f"--results_md={md}", "--seed=7"])
     out = capsys.readouterr().out
-    assert "DEVICE CHECK PASSED: 10/10 cases" in out
+    assert "DEVICE CHECK PASSED: 12/12 cases" in out
     [path] = tmp_path.glob("device_check_cpu_*.json")
     report = json.loads(path.read_text())
     assert report["header"]["seed"] == 7 and report["header"]["impl"] == "interpret"
@@ -45,7 +45,7 @@ def test_interpret_run_checks_every_kernel(tmp_path, capsys):
       assert r["bytes_fwd"] > 0 and r["bytes_fwd_bwd"] >= r["bytes_fwd"]
     text = md.read_text()
     assert "## Device check: cpu (cpu)" in text and "DEVICE CHECK PASSED" in text
-    assert text.count("| **PASS** |") == 10
+    assert text.count("| **PASS** |") == 12
     # A JSON from another machine is appended with --record_from.
     md2 = tmp_path / "other.md"
     run_main(dc, ["device_check", f"--record_from={path}", f"--results_md={md2}"])
