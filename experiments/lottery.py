@@ -39,7 +39,6 @@ from sparsejax.sparsity.sparsifier import apply_masks
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import Checkpointer, quiet_orbax_logs
 from sparsejax.train.config import config_to_dict, parse_config
-from sparsejax.train.sweep import deep_update
 from sparsejax.train.trainer import load_params, train, trainer_for
 from sparsejax.validation import ConfigError, check, run_cli
 
@@ -86,13 +85,13 @@ def _data_state_at(config, step: int) -> dict:
   return it.get_state()
 
 
-def _sparse_config(base: dict, density: float) -> dict:
-  """The round's config: a fixed mask (`static`, never updated) at this density; its
-  random masks are replaced by the ticket's before the first step."""
-  sparsity = {k: v for k, v in base.get("sparsity", {}).items()
-              if k in ("include", "exclude")}
-  return deep_update(base, {"sparsity": dict(sparsity, algorithm="static",
-                                             sparsity=1.0 - density)})
+def _with_sparsity(base: dict, **section) -> dict:
+  """`base` with its sparsity section replaced by `section` (its parameter filter,
+  include/exclude, kept): algorithm "none" for round 0; "static" at the round's
+  density for the later rounds, whose random masks are replaced by the ticket's
+  before the first step (a static mask is never updated)."""
+  keep = {k: v for k, v in base.get("sparsity", {}).items() if k in ("include", "exclude")}
+  return {**base, "sparsity": dict(keep, **section)}
 
 
 class Lottery:
@@ -100,7 +99,7 @@ class Lottery:
 
   def __init__(self, base: dict, root: str, setup: LotterySetup):
     self.base, self.root, self.setup = base, root, setup
-    self.dense_config = parse_config(deep_update(base, {"sparsity": {"algorithm": "none"}}))
+    self.dense_config = parse_config(_with_sparsity(base, algorithm="none"))
     setup.validate(self.dense_config.train.num_steps)
     self.rewind_dir = os.path.join(root, "rewind")
     self.summary_path = os.path.join(root, "lottery.json")
@@ -186,7 +185,8 @@ class Lottery:
   def round(self, r: int, masks) -> dict:
     """Round r ≥ 1 with its masks: the ticket and (if asked) the reinit control."""
     density = lottery.kept_count(masks) / lottery.total_count(masks)
-    config = parse_config(_sparse_config(self.base, density))
+    config = parse_config(_with_sparsity(self.base, algorithm="static",
+                                         sparsity=1.0 - density))
     dense = trainer_for(self.dense_config)
     runs = {"ticket": self._rewound()[0].params}
     if self.setup.reinit:
