@@ -34,7 +34,6 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from sparsejax.sparsity import lottery
-from sparsejax.sparsity import param_filter
 from sparsejax.sparsity.sparsifier import apply_masks
 from sparsejax.train import data as data_lib
 from sparsejax.train.checkpoint import Checkpointer, quiet_orbax_logs
@@ -232,13 +231,9 @@ class Lottery:
 
   def _all_kept(self) -> dict[str, jax.Array]:
     """All-True masks of the tensors the sparsity filter selects, sharded like them."""
-    trainer = trainer_for(self.dense_config)
     sel = self.dense_config.sparsity
-    shapes = param_filter.select(trainer.abstract_state.params, include=sel.include,
-                                 exclude=sel.exclude)
-    shardings = dict(param_filter.named_leaves(trainer.state_shardings.params))
-    return {n: jax.device_put(np.ones(shape, bool), shardings[n])
-            for n, shape in shapes.items()}
+    return lottery.initial_masks(trainer_for(self.dense_config).restore_target().params,
+                                 include=sel.include, exclude=sel.exclude)
 
   def _write(self, rows: list[dict]) -> None:
     _atomic_json(self.summary_path, {"setup": self.setup._asdict(),

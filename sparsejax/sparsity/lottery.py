@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.sparsity import param_filter
 from sparsejax.sparsity.algorithms import global_topk_mask
@@ -39,13 +40,15 @@ def initial_masks(params: Any, *, include: Sequence[str] = (),
                   exclude: Sequence[str] = ()) -> Masks:
   """All-True masks of the tensors the sparsity filter selects (kernels with ndim ≥ 2
   except embeddings, LM head and norms, with regex overrides; see `param_filter`),
-  each placed like its param."""
+  each placed with its param's sharding. `params` may be abstract
+  (`jax.ShapeDtypeStruct`s, with or without shardings)."""
   chosen = param_filter.select(params, include=include, exclude=exclude)
   leaves = dict(param_filter.named_leaves(params))
   out = {}
-  for name in chosen:
-    w = param_filter.unboxed(leaves[name])
-    out[name] = _placed_like(jnp.ones(w.shape, jnp.bool_), w)
+  for name, shape in chosen.items():
+    sharding = getattr(param_filter.unboxed(leaves[name]), "sharding", None)
+    ones = np.ones(shape, np.bool_)
+    out[name] = jax.device_put(ones, sharding) if sharding is not None else jnp.asarray(ones)
   return out
 
 

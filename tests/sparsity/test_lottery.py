@@ -114,6 +114,10 @@ def test_sharded_round_equals_single_device(rng_seed):
              for k, v in params.items()}
   masks = lottery.initial_masks(params)
   masks_sh = lottery.initial_masks(sharded)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), sharded)
+  for name, m in lottery.initial_masks(abstract).items():   # from shapes alone
+    assert bool(m.all()) and m.sharding == masks_sh[name].sharding
   for _ in range(2):
     masks = lottery.prune_round(params, masks, 0.2)
     masks_sh = lottery.prune_round(sharded, masks_sh, 0.2)
