@@ -103,6 +103,7 @@ def test_flops_match_the_accounting_formula(report):
   assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"], roof["ici_s"])
 
 
+@pytest.mark.slow                       # three compiles, ~25 s on a 2-core CPU
 def test_extrapolated_depth_matches_a_full_compile():
   """Counts fitted at 1 and 2 blocks, extrapolated to 3, vs compiling 3 blocks."""
   tpu_aot.tpu_devices(TOPOLOGY)
