@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from sparsejax.interop import HFCheckpointError, HFConfigError, save_hf
-from sparsejax.train.trainer import restore_run
+from sparsejax.train.trainer import inference_params, restore_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.",
                                required=True)
@@ -41,13 +41,13 @@ def main(argv):
   try:
     config, state, step = restore_run(_WORKDIR.value, step=_STEP.value)
     like = _LIKE.value or config.train.init_from_hf or None
-    save_hf(_OUT.value, config.model, state.params, like=like)
+    save_hf(_OUT.value, config.model, inference_params(config, state), like=like)
   except (FileNotFoundError, FileExistsError, HFCheckpointError, HFConfigError) as e:
     sys.exit(f"error: {e}")
   tokenizer = config.data.tokenizer
   if like is None and tokenizer != "bytes":
     shutil.copy(tokenizer, os.path.join(_OUT.value, "tokenizer.json"))
-  leaves = jax.tree.leaves(state.params)
+  leaves = jax.tree.leaves(inference_params(config, state))
   size = sum(x.size for x in leaves)
   zeros = sum(int(jnp.sum(x == 0)) for x in leaves)
   print(f"wrote step {step} of {_WORKDIR.value} to {_OUT.value} "

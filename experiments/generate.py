@@ -17,7 +17,7 @@ from sparsejax.models import DecoderLM
 from sparsejax.train import tokenizer as tokenizer_lib
 from sparsejax.train.checkpoint import quiet_orbax_logs
 from sparsejax.train.generate import generate_text
-from sparsejax.train.trainer import restore_run
+from sparsejax.train.trainer import inference_params, restore_run
 from sparsejax.validation import ConfigError, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (or its "
@@ -40,7 +40,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config, state, _ = restore_run(_WORKDIR.value, step=_STEP.value)
-  variables = {"params": state.params, **state.model_state}
+  variables = {"params": inference_params(config, state), **state.model_state}
   try:
     text = generate_text(DecoderLM(config.model), variables, _PROMPT.value,
                          max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value,

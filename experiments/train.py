@@ -27,7 +27,7 @@ from sparsejax.train.generate import generate_text
 from sparsejax.train.metrics import format_bpb
 from sparsejax.train.report import count_params, write_report
 from sparsejax.train.tokenizer import load_tokenizer
-from sparsejax.train.trainer import train
+from sparsejax.train.trainer import inference_params, train
 from sparsejax.validation import ConfigError, run_cli
 
 _CONFIG_HELP = (
@@ -72,7 +72,7 @@ def main(argv):
   state = result.state
   sample = ""
   if config.train.sample_tokens:
-    variables = {"params": state.params, **state.model_state}
+    variables = {"params": inference_params(config, state), **state.model_state}
     sample = generate_text(result.trainer.model, variables, config.train.sample_prompt,
                            max_new_tokens=config.train.sample_tokens,
                            seed=config.train.seed,

@@ -45,7 +45,7 @@ from sparsejax.ops.ternary_pack import (FORMATS, bits_per_weight, check_packed,
                                         pack_ternary, unpack_ternary)
 from sparsejax.train.config import Config, config_to_dict, parse_config
 from sparsejax.train.state import split_variables
-from sparsejax.train.trainer import restore_run
+from sparsejax.train.trainer import inference_params, restore_run
 
 BITNET_LINEARS = ("bitnet", "bitnet_qsparse")
 FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ def restore_latent(path: str, step: int | None = None) -> tuple[Config, dict, in
   {"params": ..., **model_state} as host NumPy arrays.
   """
   config, state, step = restore_run(path, step=step)
-  variables = {"params": state.params, **state.model_state}
+  variables = {"params": inference_params(config, state), **state.model_state}
   return config, jax.device_get(variables), step
 
 

@@ -240,6 +240,16 @@ def trainer_for(config: Config) -> Trainer:
   return Trainer(config)
 
 
+def inference_params(config: Config, state: TrainState) -> Any:
+  """The weights a trained model runs with (sampling, generate, export): `state.params`
+  with the run's sparsity masks applied. STE keeps dense weights and masks them in the
+  forward; every other algorithm already holds exact zeros, so this is a no-op there."""
+  if not config.sparsity.enabled:
+    return state.params
+  sparsifier = Sparsifier(config.sparsity, config.train.num_steps)
+  return apply_masks(state.params, sparsifier.masks(state.opt_state))
+
+
 @dataclasses.dataclass
 class TrainResult:
   trainer: Trainer

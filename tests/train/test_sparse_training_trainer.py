@@ -17,7 +17,7 @@ from sparsejax.sparsity.sparsifier import SparsifierState
 from sparsejax.train.config import Config, config_to_dict, parse_config
 from sparsejax.train.metrics import read_metrics
 from sparsejax.train.report import write_report
-from sparsejax.train.trainer import Trainer, train
+from sparsejax.train.trainer import Trainer, inference_params, train
 from sparsejax.validation import ConfigError
 
 RIGL = dict(algorithm="rigl", sparsity=0.8, distribution="erk", update_every=1,
@@ -97,9 +97,11 @@ def test_ste_forward_uses_the_masked_weights(tmp_path):
   masks = _host(trainer.sparsifier.masks(state.opt_state))
   dense = dict(named_leaves(_host(state.params)))
   forward = dict(named_leaves(_host(trainer.forward_params(state))))
+  deployed = dict(named_leaves(_host(inference_params(config, state))))
   for name, m in masks.items():
     assert np.all(dense[name] != 0)                     # STE keeps dense weights
     np.testing.assert_array_equal(forward[name], np.where(m, dense[name], 0))
+    np.testing.assert_array_equal(deployed[name], forward[name])  # sample / export
     assert m.mean() == 0.5
   batch = trainer.global_batch({"inputs": np.ones((8, 32), np.int32),
                                 "targets": np.ones((8, 32), np.int32)})
