@@ -48,6 +48,7 @@ def report():
   return plan(tiny(), TOPOLOGY, decode_batch=0)
 
 
+@pytest.mark.slow
 def test_cli_report_has_every_field(tmp_path):
   tpu_aot.tpu_devices(TOPOLOGY)
   out = tmp_path / "tiny.json"
@@ -74,6 +75,7 @@ def test_cli_report_has_every_field(tmp_path):
     assert words in run.stdout
 
 
+@pytest.mark.slow
 def test_memory_holds_the_sharded_train_state(report):
   """Arguments per chip >= the train state's per-chip shard bytes (tiling pads)."""
   config = tiny()

@@ -25,6 +25,7 @@ CFG = dict(batch=1, num_heads=4, num_kv_heads=1, head_dim=64, local_window=512,
            nsa_select_block=64, nsa_num_selected=16, nsa_window=512)
 
 
+@pytest.mark.slow
 def test_main_writes_jsonl_plot_and_results_section(bench, tmp_path, capsys,
                                                     monkeypatch):
   out, md, png = tmp_path / "a.jsonl", tmp_path / "RESULTS.md", tmp_path / "a.png"

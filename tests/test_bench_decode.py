@@ -19,6 +19,7 @@ TINY = ["--d_model=32", "--num_layers=1", "--num_heads=2", "--num_kv_heads=1",
         "--repeats=1", "--min_sample_ms=0"]
 
 
+@pytest.mark.slow
 def test_main_writes_jsonl_plot_and_results_section(bench, tmp_path, capsys,
                                                     monkeypatch):
   out, md, png = tmp_path / "decode.jsonl", tmp_path / "RESULTS.md", tmp_path / "d.png"

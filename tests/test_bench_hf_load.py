@@ -26,6 +26,7 @@ def n_params(cfg):
   return sum(math.prod(p.shape) for p in jax.tree.leaves(accounting.abstract_params(cfg)))
 
 
+@pytest.mark.slow
 def test_main_quick_writes_jsonl_and_results_section(bench, tmp_path, monkeypatch):
   out, md, tmp = tmp_path / "hf.jsonl", tmp_path / "RESULTS.md", tmp_path / "ckpt"
   tmp.mkdir()
@@ -103,6 +104,7 @@ def measured(bench, path, warmup, loader):
   return bench.derive(dict(rec, **bench.checkpoint_stats(path)))
 
 
+@pytest.mark.slow
 def test_measure_detects_a_loader_that_reads_the_whole_model(bench, tmp_path):
   """The same measurement of load_hf and of a loader that first reads every tensor:
   only the second peaks near 2x the params."""

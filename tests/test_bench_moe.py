@@ -14,6 +14,7 @@ def bench():
     yield module
 
 
+@pytest.mark.slow
 def test_main_writes_jsonl_and_results_section(bench, tmp_path, capsys, monkeypatch):
   out, md = tmp_path / "moe.jsonl", tmp_path / "RESULTS.md"
   monkeypatch.setattr(bench.results_log, "RESULTS_MD", str(md))

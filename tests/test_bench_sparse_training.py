@@ -30,6 +30,7 @@ def test_table_amortizes_update_steps(bench):
   assert "| ste | — | — | 12.00 | 1.200 | +20.0% |" in text
 
 
+@pytest.mark.slow
 def test_update_state_runs_the_mask_update(bench):
   trainer = bench.one_device_trainer({
       "model": dict(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1),

@@ -52,6 +52,7 @@ def test_activated_params_moe_and_memory(compare):
   assert counts["nonembedding_params"] - counts["activated_params"] == values - read
 
 
+@pytest.mark.slow
 def test_main_writes_report(compare, tmp_path, monkeypatch):
   md = tmp_path / "RESULTS.md"
   monkeypatch.setattr(compare.results_log, "RESULTS_MD", str(md))

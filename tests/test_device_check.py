@@ -62,6 +62,7 @@ def _grad_scaled(y, factor):
   return f(y)
 
 
+@pytest.mark.slow
 def test_perturbed_kernels_fail(tmp_path, capsys, monkeypatch):
   """A one-entry forward change (topk), a 10% backward-only change (memory lookup,
   forward untouched) and an exception (attention) are all reported FAIL, exit 1; the

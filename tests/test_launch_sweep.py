@@ -27,6 +27,7 @@ def _target(kernel, rng_seed):
   return target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["attention", "sparse_matmul", "topk"])
 def test_every_launch_matches_the_default(kernel, two_launches, rng_seed):
   records = launch_sweep.sweep_target(_target(kernel, rng_seed), timing=False,
@@ -61,6 +62,7 @@ def test_timing_fills_times_and_marks_the_fastest(two_launches, rng_seed):
   assert table.count("**") == 2           # one bold time: the fastest forward
 
 
+@pytest.mark.slow
 def test_device_check_records_the_sweep(tmp_path, two_launches, capsys):
   from conftest import experiment_module
   md = tmp_path / "RESULTS.md"

@@ -40,6 +40,7 @@ def _params(module: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
+@pytest.mark.slow
 def test_to_nnx_matches_linen_and_trains_one_step(rng_seed):
   cfg = parse_model_config(tiny_config_dict()["model"])
   linen_model = DecoderLM(cfg)

@@ -39,6 +39,7 @@ def test_notebook_is_valid_and_clean(path):
           f"{_name(path)} cell {i} has stored outputs; clear them before committing")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
 def test_notebook_executes(path, tmp_path, monkeypatch):
   nb = nbformat.read(path, as_version=4)

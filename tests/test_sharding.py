@@ -56,6 +56,7 @@ def test_state_is_created_sharded():
   assert mu.sharding.spec == q.sharding.spec
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(rng_seed):
   config = _tiny(dict(data=2, fsdp=2, tensor=2))
   sharded = Trainer(config)

@@ -8,6 +8,7 @@ from sparsejax.train.generate import generate_text
 from sparsejax.train.trainer import train
 
 
+@pytest.mark.slow
 def test_generate_cli_continues_the_prompt_with_the_trained_model(tmp_path, capsys):
   result = train(parse_config(tiny_config_dict(train=dict(num_steps=3))), str(tmp_path))
   variables = {"params": result.state.params, **result.state.model_state}

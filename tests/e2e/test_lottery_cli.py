@@ -25,9 +25,15 @@ CONFIG = tiny_config_dict(train=dict(num_steps=4, eval_every=0, checkpoint_every
 
 @pytest.fixture(scope="module")
 def cli():
+  from absl import flags
   with experiment_module("lottery") as module:
+    before = set(flags.FLAGS)
     module.define_flags()
-    yield module
+    try:
+      yield module
+    finally:   # defined from this test module: experiment_module would keep them
+      for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
 
 
 def _run(cli, workdir, **setup):

@@ -44,6 +44,7 @@ def _fails_with_one_line(cmd, env=None):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_cli_trains_reports_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   out = _run(workdir)
@@ -97,6 +98,7 @@ def _mistakes(tmp_path):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", [
     "bad value", "config file missing", "unknown field", "bad flag value",
     "data path missing", "data path empty", "token id out of range", "mesh size",
@@ -110,6 +112,7 @@ def test_cli_prints_one_error_line_per_known_mistake(tmp_path, mistake):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_resume_another_model(tmp_path):
   train(parse_config(tiny_config_dict(train=dict(num_steps=1))), str(tmp_path))
   line = _fails_with_one_line(_cmd(tmp_path, "--config.model.num_layers=3"))
@@ -117,6 +120,7 @@ def test_cli_refuses_to_resume_another_model(tmp_path):
           "its own config or use a new --workdir") in line
 
 
+@pytest.mark.slow
 def test_cli_help_lists_the_config_sections_and_overrides():
   out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"),
                         "--help"], cwd=REPO, env=_env(), capture_output=True, text=True,

@@ -52,6 +52,7 @@ def tensors_of(path):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers(name):
   cfg, params = load_hf(fixture(name))
@@ -127,6 +128,7 @@ def test_save_without_like_picks_the_architecture(tmp_path):
     save_hf(str(tmp_path / "q"), cfg, params)
 
 
+@pytest.mark.slow
 def test_cached_decoding_matches_transformers():
   cfg, params = load_hf(fixture("mixtral"))
   tokens, want = reference("mixtral")
@@ -142,6 +144,7 @@ def test_cached_decoding_matches_transformers():
   np.testing.assert_allclose(np.concatenate(steps, axis=1), want, rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_mesh_loading_shards_params_and_keeps_logits():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
   cfg, params = load_hf(fixture("mixtral"), mesh=mesh)

@@ -22,6 +22,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", 
 TEXT = os.path.join(FIXTURES, "text.txt")
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_window(capsys):
   path = os.path.join(FIXTURES, "qwen2_bf16")
   with experiment_module("evaluate") as module:
@@ -45,6 +46,7 @@ def test_evaluate_scores_every_window(capsys):
   assert bpb == pytest.approx(total / math.log(2) / os.path.getsize(TEXT), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_export_a_run_and_load_it_back(tmp_path, capsys):
   config = parse_config(tiny_config_dict(train=dict(num_steps=1, eval_every=1,
                                                     eval_batches=1, checkpoint_every=1)))

@@ -69,6 +69,7 @@ def test_tokenizer_field_is_validated():
   assert tok.decode(ids) == "for i in range(10):"
 
 
+@pytest.mark.slow
 def test_continue_training_a_hf_checkpoint(tmp_path):
   config = parse_config(tiny_config_dict(
       model=dict(linear="qsparse", linear_options={"topk_ratio": 0.5}),
@@ -90,6 +91,7 @@ def test_continue_training_a_hf_checkpoint(tmp_path):
   assert 0 < max(jax.tree.leaves(moved)) < 1e-3 * 1.5   # one Adam step from HF's params
 
 
+@pytest.mark.slow
 def test_bits_per_byte_counts_the_bytes_of_the_tokenized_text(rng_seed):
   """bpb = Σ nats / (Σ bytes · ln 2), bytes per token of the val text tokenized by the
   tokenizers library, over the evaluated windows (computed here from the logits)."""

@@ -87,6 +87,7 @@ TPU_CASES = {
 CASES = [("gpu", n) for n in GPU_CASES] + [("tpu", n) for n in TPU_CASES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,name", CASES, ids=[f"{b}-{n}" for b, n in CASES])
 def test_matches_reference(backend, name, rng_seed):
   mask, t, s, hq, hkv = (GPU_CASES if backend == "gpu" else TPU_CASES)[name]
@@ -99,6 +100,7 @@ def test_matches_reference(backend, name, rng_seed):
     assert (info.block_kind == M.EMPTY).any()      # the case really skips blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_fully_masked_rows_give_zero(backend, rng_seed):
   """Rows 0..19 see no key: q block 0 visits no block at all, q block 1 has rows
@@ -124,6 +126,7 @@ def test_gpu_bf16_forward(rng_seed):
   assert_close(out.astype(jnp.float32), ref.astype(jnp.float32), tol=2e-2)
 
 
+@pytest.mark.slow
 def test_matches_splash_attention(rng_seed):
   """JAX's splash attention (TPU kernel, interpret mode) as a peer on causal and local
   masks, forward; splash needs 128-multiples for its blocks, so T = S = 256."""
@@ -244,6 +247,7 @@ def test_gpu_lowering(dtype, mask_name):
     assert f"block_sparse_attention_{name}_gpu" in text
 
 
+@pytest.mark.slow
 def test_tpu_tables_split_into_chunks(rng_seed):
   """A tiny SMEM budget splits the TPU calls over GQA head groups and table rows
   (2 × 4 chunks here, inside lax.map); forward and grads equal the reference."""
@@ -301,6 +305,7 @@ def test_default_blocks(backend, t, s, d, dtype, want):
     default_blocks("cuda", t, s, d, dtype)
 
 
+@pytest.mark.slow
 def test_grid_steps_causal_32k():
   """Causal T = S = 32k, B 1, Hq 8, Hkv 2: the TPU kernels take 16× fewer grid steps
   at the default 512-blocks than at 128 (64× fewer than at the layer's former 64);
@@ -348,6 +353,7 @@ def test_gpu_launch_and_precision_knobs(rng_seed):
     assert_close(x, y)
 
 
+@pytest.mark.slow
 def test_tpu_forward_lse_rows(rng_seed):
   """bsa_fwd_tpu's LSE (kept as lane-dense (1, bq) rows) equals the dense masked
   log-sum-exp, and +0.7·f32max on rows with no allowed key (rows 0..19)."""
@@ -392,6 +398,7 @@ TPU_COMPILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TPU_COMPILE))
 def test_tpu_compiles_forward_and_backward(name):
   """Forward and grads (dq and dk/dv kernels) compile for v5e, GQA 4 / 2 heads."""

@@ -75,6 +75,7 @@ def rel_err(got, want):
   return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_forward_and_backward_match_dense_float64(rng_seed, backend, dtype):

@@ -76,6 +76,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,n,v,l,k,g,vdtype,wdtype,kind", CASES,
                          ids=[c[0] for c in CASES])
@@ -145,6 +146,7 @@ INVALID_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,n,v,l,k,g,dtype", INVALID_CASES,
                          ids=[c[0] for c in INVALID_CASES])
@@ -202,6 +204,7 @@ def small_tiles(monkeypatch):
   return tpu
 
 
+@pytest.mark.slow
 def test_tpu_calls_split_for_smem(key, small_tiles, monkeypatch):
   """Scalar-prefetch tables over the SMEM budget split the call: the forward and
   d_weights over token chunks (8 tokens each here), d_values over touched row tiles
@@ -220,6 +223,7 @@ def test_tpu_calls_split_for_smem(key, small_tiles, monkeypatch):
   assert_close_to(d_weights, want_dw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_pipeline_on_two_cores(key, small_tiles, monkeypatch, dtype):
   """Two simulated TensorCores (the "parallel" axis split), race detection and NaN-
@@ -354,6 +358,7 @@ def test_gpu_column_chunks_and_lookup_blocks(key, monkeypatch):
   assert_close(d_weights, ref_dw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_memory_lookup_dispatch(key, backend, monkeypatch):
   """sparsejax.ops.memory.memory_lookup(impl="interpret") == impl="xla" on [B, T, K]
@@ -447,6 +452,7 @@ def test_gpu_lowering(dtype):
 AOT_SHAPES = [(1024, 256, 64, 32, 1), (600, 96, 37, 12, 3), (1024, 192, 16, 320, 8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", AOT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_tpu_kernels_compile_for_v5e(dtype, shape):

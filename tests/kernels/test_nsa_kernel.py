@@ -78,6 +78,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", list(CASES))
 def test_matches_reference(backend, rng_seed):
   b, t, s, n, bq, positions = CASES[backend]
@@ -318,6 +319,7 @@ def test_gpu_dkv_longest_walk():
   assert int(jnp.max(jnp.diff(bounds[0]))) == t // c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_invalid_block_ids_contribute_nothing(backend, rng_seed):
   """Through the op (impl="interpret", each platform's kernel): valid slots holding -1
@@ -343,6 +345,7 @@ def test_invalid_block_ids_contribute_nothing(backend, rng_seed):
   assert (np.asarray(got[0])[:, 4] == 0).all()
 
 
+@pytest.mark.slow
 def test_tpu_tables_split_into_chunks(rng_seed):
   """A tiny SMEM budget splits the TPU calls: forward / dq into (pair, row) chunks (6
   calls here, inside lax.map), dk/dv into calls of 2 visits each (a kv block's visits
@@ -374,6 +377,7 @@ def test_tpu_footprint_fits_long_context(t):
   assert max(fp["vmem_fwd"], fp["vmem_dq"], fp["vmem_dkv"]) <= 16 * 2 ** 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,slots,min_ratio", [(8192, 131072, 2), (32768, 2097152, 5)])
 def test_tpu_dkv_steps_only_the_visited_pairs(t, slots, min_ratio):
   """TPU dk/dv grid steps per (batch, kv head) pair, paper sizes (l' 64, n 16 with 1

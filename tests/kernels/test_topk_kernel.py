@@ -71,6 +71,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,dtype,rows,d,k,kind", CASES, ids=[c[0] for c in CASES])
 def test_matches_xla_reference(key, backend, name, dtype, rows, d, k, kind):
@@ -181,6 +182,7 @@ def test_kernel_unmet_names_the_constraint():
   assert kernel_unmet(MAX_BLOCK, jnp.float32, "gpu") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_compiles_sharded_forward_and_backward(topology, dtype):

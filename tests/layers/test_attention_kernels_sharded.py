@@ -56,6 +56,7 @@ def _config(name, **model):
   return parse_config(config.to_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform,target,call", [
     ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "__gpu$xla.gpu.triton")])
 @pytest.mark.parametrize("name,kernels", [
@@ -162,6 +163,7 @@ def _precision(eqn):
   return p[0] if isinstance(p, tuple) else p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["block_sparse", "nsa_selection"])
 def test_kernels_inside_a_checked_shard_map_equal_xla(rng_seed, op):
   """Called inside the caller's `jax.shard_map` (check_vma=True, every axis already

@@ -37,6 +37,7 @@ def _dense_masked_logits(model, variables, tokens, options):
     return model.apply(variables, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", PATTERNS, ids=lambda o: o["pattern"])
 def test_block_sparse_model_matches_dense_masked_attention_and_decodes(rng_seed, options):
   model = _model(options)
@@ -93,6 +94,7 @@ def test_block_sparse_options_are_validated():
                             attention_options=dict(window=0))).validate()
 
 
+@pytest.mark.slow
 def test_block_that_does_not_tile_the_sequence_shrinks(rng_seed):
   """T = 12 with 8-blocks runs with gcd(12, 8) = 4-blocks: same logits as dense
   attention under the mask (no error for a sequence length the blocks do not tile)."""

@@ -49,6 +49,7 @@ def dense_params(sparse, dense, options):
   return walk(sparse, dense, ())
 
 
+@pytest.mark.slow
 def test_logits_equal_the_dense_model_with_the_masked_weights(rng_seed):
   tokens = jax.random.randint(jax.random.key(rng_seed), (2, 8), 0, 256)
   sparse_model, dense_model = model_for("block_sparse", OPTIONS), model_for("dense")
@@ -116,6 +117,7 @@ def test_sharded_model_lowers_with_the_kernel_inside_shard_map(lowering):
   assert text.count("sdy.manual_computation(") >= 7
 
 
+@pytest.mark.slow
 def test_trains_on_the_8_device_mesh(rng_seed):
   """Trainer integration: the whole train step (params sharded by the mesh rules, the
   stored blocks replicated) runs on data × fsdp × tensor = 2 × 2 × 2 and learns."""

@@ -96,6 +96,7 @@ def test_sharded_interpret_kernel_equals_xla_loss_and_grads(rng_seed, name):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [8, 3], ids=["rows_split", "rows_replicated"])
 def test_op_on_mesh_runs_the_kernel_per_shard(rng_seed, rows):
   """topk_sparsify(impl="interpret") under `jax.set_mesh` equals the XLA op, whether the

@@ -94,6 +94,7 @@ def _check_forward_and_grads(apply, reference, params, x, seed):
     dict(heads=1, knn=3, num_keys=5, tucker_rank=1, tucker_cores=1, value_expand=1,
          qk_norm="layernorm"),
 ])
+@pytest.mark.slow
 def test_ultramem_layer_matches_full_grid_reference(rng_seed, options):
   opt = UltraMemOptions(impl="xla", **options)
   layer = UltraMemLayer(CFG, opt)
@@ -105,6 +106,7 @@ def test_ultramem_layer_matches_full_grid_reference(rng_seed, options):
   _check_forward_and_grads(apply, reference, params, x, rng_seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qk_norm", ["rmsnorm", "layernorm"])
 def test_pkm_layer_matches_brute_force_reference(rng_seed, qk_norm):
   opt = PKMOptions(heads=2, knn=3, num_keys=5, impl="xla", qk_norm=qk_norm)
@@ -115,6 +117,7 @@ def test_pkm_layer_matches_brute_force_reference(rng_seed, qk_norm):
                            lambda p, x: pkm_reference(p, x, opt), params, x, rng_seed)
 
 
+@pytest.mark.slow
 def test_qk_norm_defaults_to_rmsnorm_and_the_two_norms_differ(rng_seed):
   """RMSNorm (the released UltraMem config's) is the default of both layers; the
   LayerNorm option really changes the forward (the query has a nonzero mean)."""
@@ -152,6 +155,7 @@ def test_ultramem_init_follows_the_spec(rng_seed):
   np.testing.assert_array_equal(perm, other["memory_state"]["permutation"])
 
 
+@pytest.mark.slow
 def test_tucker_surrogate_is_refreshed_only_when_mutable_and_stays_sign_aligned(rng_seed):
   opt = UltraMemOptions(heads=2, knn=4, num_keys=4, impl="xla")
   layer = UltraMemLayer(CFG, opt)
@@ -178,6 +182,7 @@ def test_tucker_surrogate_is_refreshed_only_when_mutable_and_stays_sign_aligned(
   assert out.shape == x.shape
 
 
+@pytest.mark.slow
 def test_rank_loss_is_sown_when_enabled(rng_seed):
   opt = UltraMemOptions(heads=2, knn=2, num_keys=4, rank_loss_weight=0.5,
                         rank_loss_tau=0.0)

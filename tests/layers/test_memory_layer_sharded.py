@@ -26,6 +26,7 @@ def _loss_and_grads(model, variables, tokens):
     ("ultramem", "rows", dict(data=2, fsdp=4)),
     ("pkm", "columns", dict(data=2, tensor=2, expert=2)),
 ])
+@pytest.mark.slow
 def test_sharded_value_table_equals_unsharded(rng_seed, memory, mode, mesh_shape):
   options = dict(knn=3, num_keys=8, heads=2, impl="xla")
   make_cfg = lambda shard: parse_model_config(dict(
@@ -96,6 +97,7 @@ def _config(name):
   return module.get_config()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ultramem", "pkm"])
 @pytest.mark.parametrize("platform,lowering,target", [
     ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "__gpu$xla.gpu.triton")])

@@ -44,6 +44,7 @@ def np_silu(x):
     dict(num_experts=6, top_k=3, num_shared=1, scoring="sigmoid", dispatch="capacity",
          capacity_factor=8.0),
 ])
+@pytest.mark.slow
 def test_layer_equals_ops_on_its_params(rng_seed, options):
   rng = np.random.default_rng(rng_seed)
   x = jnp.asarray(rng.standard_normal((2, 5, D)).astype(np.float32))
@@ -196,6 +197,7 @@ def test_config_files_parse_and_match_dense_activated_params():
     assert 0.9 * d_ff <= activated <= d_ff
 
 
+@pytest.mark.slow
 def test_train_on_expert_mesh_collects_aux_loss_load_metrics_and_bias(tmp_path):
   """A 2-step run with experts sharded over mesh axis expert=2 and DeepSeek-V3 bias."""
   config = parse_config(tiny_config_dict(

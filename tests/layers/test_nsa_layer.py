@@ -25,6 +25,7 @@ def _model(**options):
       attention_options={**OPTIONS, **options})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(), dict(shared_kv=True, compress="mean")],
                          ids=["mlp", "shared_mean"])
 def test_nsa_model_trains_and_cached_decode_matches_forward(rng_seed, options):
@@ -69,6 +70,7 @@ def test_nsa_options_are_validated(field, value):
         **OPTIONS, field: value})).validate()
 
 
+@pytest.mark.slow
 def test_sequences_shorter_than_a_compression_block_train_and_decode(rng_seed):
   """T = 6 < block_len = 8 (no compressed block): the model trains, and a 2-token
   prefill then 1-token steps (each shorter than a block) reproduce the forward."""
@@ -89,6 +91,7 @@ def test_sequences_shorter_than_a_compression_block_train_and_decode(rng_seed):
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_nsa_layer_applies_the_models_rope_scaling(rng_seed):
   """With linear RoPE scaling factor f (Hugging Face Llama checkpoints) the layer
   rotates q and the selection / window keys at positions / f: it equals the unscaled

@@ -297,6 +297,7 @@ PROJECTIONS = ("attention/q_proj", "attention/k_proj", "attention/v_proj",
                "attention/o_proj", "ffn/gate_proj", "ffn/up_proj", "ffn/down_proj")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("linear", ["qsparse", "bitnet", "bitnet_qsparse"])
 def test_decoder_lm_forward_backward_with_plain_embedding_and_head(rng_seed, linear):
   cfg = parse_model_config({**SMALL, "linear": linear})

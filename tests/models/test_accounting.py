@@ -125,6 +125,7 @@ def test_selected_units_from_hand_built_collections():
       ("block_0/ffn", 1), ("block_1/ffn", 3), ("memory_0", 3)]
 
 
+@pytest.mark.slow
 def test_selected_units_of_a_real_forward_step(rng_seed):
   cfg = dict(MOE, memory="ultramem", memory_layers=MEMORY["memory_layers"],
              memory_options=MEMORY["memory_options"])

@@ -60,6 +60,7 @@ def _numpy_gqa_attention(q, k, v):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
 def test_causal_attention_matches_numpy_gqa(rng_seed, hq, hkv):
   kq, kk, kv = jax.random.split(jax.random.key(rng_seed), 3)
@@ -86,6 +87,7 @@ def test_rope_matches_complex_rotation_and_is_relative(rng_seed):
   np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_untied_head_and_grads_are_finite(rng_seed):
   model, variables, tokens = _model_and_vars(rng_seed, tie_embeddings=False)
   assert "lm_head" in variables["params"]

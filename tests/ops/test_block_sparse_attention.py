@@ -65,6 +65,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_xla_matches_reference(name, rng_seed):
   mask, kw = CASES[name]

@@ -84,6 +84,7 @@ CASES = {  # impl, kernel platform, K, N, block
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_dense_masked_matmul_forward_and_grad(rng_seed, case, dtype):

@@ -66,6 +66,7 @@ def test_matches_numpy_loop(rng_seed, cfg):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_when_top_k_covers_every_block(rng_seed):
   q, k, v, positions = _inputs(rng_seed, t=3)
   cfg = BlockTopK(block_size=8, num_sinks=4, window=8, top_k=8)
@@ -81,6 +82,7 @@ def test_loaded_tokens():
   assert cfg.loaded_tokens(100) == 100
 
 
+@pytest.mark.slow
 def test_model_decode_with_block_topk(rng_seed):
   base = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
   dense = DecoderLM(parse_model_config(base))

@@ -67,6 +67,7 @@ def test_kernel_impl_reaches_layer_options():
   assert registry.with_kernel_impl(opt, "interpret").impl == "xla"
 
 
+@pytest.mark.slow
 def test_model_kernel_impl_runs_the_kernel(monkeypatch):
   """model.kernel_impl="interpret" sends the Q-Sparse projections to the Top-K kernel
   (seen by wrapping the kernel entry); the default model on CPU does not."""

@@ -69,6 +69,7 @@ def check_against_reference(mesh, values, idx, weights, groups, cot, **kw):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("mode", ["rows", "columns"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["plain", "groups"])

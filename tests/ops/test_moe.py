@@ -139,6 +139,7 @@ def _value_and_grads(dispatch, args, cot, k):
   return y, dropped, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 3])
 def test_dispatches_agree_forward_and_grads(rng_seed, k):
   args = inputs(rng_seed)
@@ -163,6 +164,7 @@ def test_dispatches_agree_forward_and_grads(rng_seed, k):
                                  err_msg=f"{dispatch} {name}")
 
 
+@pytest.mark.slow
 def test_non_gated_experts_agree(rng_seed):
   x, logits, _, wu, wd = inputs(rng_seed)
   w, idx, _ = moe.route(logits, 2)
@@ -290,6 +292,7 @@ def np_moe(x, w, idx, use):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", moe.DISPATCHES)
 def test_invalid_expert_ids_contribute_exactly_zero(rng_seed, dispatch):
   """Ids -1, -E, E, E+3: y equals the NumPy sum over the valid pairs only; the grads
@@ -341,6 +344,7 @@ def test_invalid_ids_take_no_capacity_and_are_not_dropped(rng_seed):
   np.testing.assert_allclose(dropped, dropped_ref, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", moe.DISPATCHES)
 def test_check_indices_reports_invalid_ids_through_checkify(rng_seed, dispatch):
   x, logits, wg, wu, wd = inputs(rng_seed)

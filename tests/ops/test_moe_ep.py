@@ -55,6 +55,7 @@ def place_experts(w, names, mesh):
 MESHES = [dict(data=2, expert=4), dict(data=1, fsdp=2, expert=4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_cfg", MESHES, ids=["data2_expert4", "fsdp2_expert4"])
 @pytest.mark.parametrize("cf, gated", [(0.5, True), (4.0, False)],
                          ids=["drops_gated", "nodrop_plain"])
@@ -104,6 +105,7 @@ def test_ep_equals_per_device_capacity_and_grads(rng_seed, mesh_cfg, cf, gated):
   assert "all-to-all" in hlo
 
 
+@pytest.mark.slow
 def test_ep_invalid_expert_ids_contribute_exactly_zero(rng_seed):
   """Ids -1 and E (out of [0, E)): the sharded result and grads equal the dropless
   dispatch with those pairs' weights set to 0 (capacity 4: nothing dropped); the
@@ -181,6 +183,7 @@ def test_expert_parallel_mesh_needs_an_expert_axis_above_one():
     assert expert_parallel_mesh(num_experts=6) is None
 
 
+@pytest.mark.slow
 def test_layer_expert_parallel_loss_and_grads_equal_local(monkeypatch):
   """Trainer.loss with expert_parallel on mesh (data=2, expert=4) equals the local
   capacity dispatch on the same params (capacity_factor 4: nothing dropped either

@@ -107,6 +107,7 @@ def _np_nsa(q, kv, gates, phi_k, phi_v, *, block_len, stride, select_block,
   return total, out, sel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_branches_match_numpy_loop(rng_seed, name):
   cfg = CONFIGS[name]
@@ -169,6 +170,7 @@ def test_forced_blocks_always_selected_and_no_future_block(rng_seed, n):
           assert scores[b, tt, h, free].min() >= scores[b, tt, h, rest].max()
 
 
+@pytest.mark.slow
 def test_full_coverage_equals_causal_attention(rng_seed):
   t = 48
   q, kv, gates, _, _ = _inputs(rng_seed, t, b=2)
@@ -215,6 +217,7 @@ def _branch_reads(s, l, d, n, ls, w, seed):
   return n_cmp + n_slc + n_win
 
 
+@pytest.mark.slow
 def test_decode_token_count_and_paper_table4(rng_seed):
   small = dict(block_len=8, stride=4, num_selected=2, select_block=16, window=16)
   for s in (1, 5, 8, 9, 17, 31, 32, 33, 64, 100, 128, 129):
@@ -245,6 +248,7 @@ def test_bad_config_raises(kwargs, match):
                       num_selected=2, window=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [5, 1], ids=["t<l", "t=1"])
 def test_sequences_shorter_than_a_compression_block(rng_seed, t):
   """S < l: no compressed block; the compression branch gives 0, only forced blocks
@@ -278,6 +282,7 @@ def _selection_inputs(seed, t=24, s=24, n=3, ls=8):
   return q, k, v, np.asarray(idx), np.asarray(valid)
 
 
+@pytest.mark.slow
 def test_invalid_block_ids_contribute_nothing(rng_seed):
   """Valid slots holding -1 (padding) or ids >= ceil(S/l') give exactly the output and
   grads of the same call with those slots marked invalid: query 0 never sees keys of
@@ -314,6 +319,7 @@ def test_window_impl_values():
     nsa.window_attention(q, kv[4].astype(jnp.int32), kv[5], 4)
 
 
+@pytest.mark.slow
 def test_compressed_keys_take_the_rope_scaling(rng_seed):
   """cmp_rope_scaling: linear factor f rotates compressed block i at its last position
   (i·d + l − 1)/f (position interpolation), not at i·d + l − 1."""

@@ -47,6 +47,7 @@ def _tdqkr_numpy(q_row, q_col, keys_row, keys_col, cores, u, v, m):
   return scores, slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r,c,m", [(2, 2, 3), (1, 1, 4), (3, 2, 2)])
 def test_tdqkr_matches_loop_reference(rng_seed, r, c, m):
   rng = np.random.default_rng(rng_seed)
@@ -132,6 +133,7 @@ def test_implicit_value_expansion_with_multi_core_scoring(rng_seed):
                              atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grouped", [False, True])
 def test_memory_lookup_xla_forward_and_backward(rng_seed, grouped):
   """vs autodiff of a NumPy-style one-hot formulation, with duplicate and hot rows."""

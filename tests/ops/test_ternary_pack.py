@@ -34,6 +34,7 @@ def test_exported_from_ops():
   assert ops.pack_ternary is pack_ternary and ops.unpack_ternary is unpack_ternary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("shape", [(1,), (3,), (4,), (5,), (7,), (19,), (20,), (21,),
                                    (3, 7), (2, 3, 5), (4, 6, 11)])

@@ -161,6 +161,7 @@ def test_rescale(key, dtype):
   assert np.isnan(np.asarray(jcall(topk_sparsify, nan_row, 4, rescale=True))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,m,axis,dtype", [
     (2, 4, -1, jnp.float32), (4, 8, -1, jnp.bfloat16), (2, 4, 0, jnp.float32),
     (1, 2, -1, jnp.float32), (4, 4, -1, jnp.float32)])
@@ -222,6 +223,7 @@ def test_numpy_int_k_and_auto_impl(key):
     assert_bits_equal(y, ref_sparsify(x, np_topk_mask(x, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,axis,k,rescale", [(jnp.float32, -1, 6, False),
                                                   (jnp.bfloat16, 1, 2, True)])
 def test_interpret_impl_matches_xla(key, dtype, axis, k, rescale):

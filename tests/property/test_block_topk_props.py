@@ -59,6 +59,7 @@ def ref_decode(q, k, v, pos, kv_length, cfg):
   return out, gap
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(decode_case())
 def test_block_topk_matches_reference(case):

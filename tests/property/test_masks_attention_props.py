@@ -180,6 +180,7 @@ def attention_and_grads(q, k, v, do, mask, scale, bq, bkv, impl="xla"):
   return (out, *vjp(do.astype(out.dtype)))
 
 
+@pytest.mark.slow
 @settings(max_examples=8)
 @given(attention_case(), st.integers(0, 2**31))
 def test_attention_matches_dense_reference(case, seed):
@@ -269,6 +270,7 @@ def test_bad_mask_arguments_raise(data):
     mask_info(M.CausalMask(), 0, t, 1, 1)
 
 
+@pytest.mark.slow
 @settings(max_examples=2)
 @given(attention_case(dtypes=st.just(jnp.float32)).filter(
     lambda c: c[0].shape[1] % 8 == 0 and c[1].shape[1] % 8 == 0 and c[0].shape[1] <= 16

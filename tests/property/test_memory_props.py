@@ -83,6 +83,7 @@ def cotangent(case, seed=0):
   return np.asarray(jnp.asarray(d, out_dtype(values, weights)))
 
 
+@pytest.mark.slow
 @settings(max_examples=15)
 @given(lookup_case(), st.integers(0, 2**31))
 def test_lookup_matches_reference(case, seed):
@@ -102,6 +103,7 @@ def test_lookup_matches_reference(case, seed):
   assert (f64(dw)[~ok] == 0).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(lookup_case(max_lead=1), st.integers(0, 2**31))
 def test_invalid_lookups_equal_zero_weight(case, seed):
@@ -178,6 +180,7 @@ def test_bad_arguments_raise(data):
     memory_lookup(*args, impl="xla", **kwargs)
 
 
+@pytest.mark.slow
 @settings(max_examples=2)
 @given(lookup_case(dtypes=st.just(jnp.float32), max_lead=1), st.integers(0, 2**31))
 def test_interpret_kernel_matches_xla(case, seed):

@@ -41,6 +41,7 @@ def route_case(draw):
           None if bias is None else bias.astype(np.float32), draw(st.booleans()))
 
 
+@pytest.mark.slow
 @given(route_case())
 def test_route_picks_top_k_of_scores_plus_bias(case):
   logits, k, scoring, bias, renorm = case
@@ -161,6 +162,7 @@ def all_dispatches(x, weights, experts, w_gate, w_up, w_down, dy, activation, cf
   return out
 
 
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(moe_case())
 def test_every_dispatch_matches_reference(c):
@@ -181,6 +183,7 @@ def test_every_dispatch_matches_reference(c):
         assert_close(g, f64(g_loop), scale=scale * 4, dtype=c["x"].dtype)
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(moe_case(max_t=8), st.sampled_from((0.25, 0.5, 1.0, 1.5)))
 def test_capacity_drops_slot_major_overflow(c, cf):

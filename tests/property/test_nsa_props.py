@@ -33,6 +33,7 @@ def selection_case(draw):
           draw(st.integers(0, 3)))
 
 
+@pytest.mark.slow
 @given(selection_case())
 def test_select_blocks_invariants(case):
   scores, pos, n, sb, num_initial, num_local = case
@@ -136,6 +137,7 @@ def cotangent(q, v, seed=0):
       (*q.shape[:3], v.shape[-1])).astype(np.float32)
 
 
+@pytest.mark.slow
 @settings(max_examples=8)
 @given(attention_case(), st.integers(0, 2**31))
 def test_selected_attention_matches_dense_reference(case, seed):
@@ -224,6 +226,7 @@ def test_bad_arguments_raise(data):
                   data.draw(st.sampled_from((0, -1, 1.5))), 4)
 
 
+@pytest.mark.slow
 @settings(max_examples=2)
 @given(attention_case(dtypes=st.just(jnp.float32), lengths=st.just(16),
                       block_sizes=st.just(8)), st.integers(0, 2**31))

@@ -43,6 +43,7 @@ def ternary_all(w, g):
   return codes, scale, fake, vjp(g)[0]
 
 
+@pytest.mark.slow
 @given(shapes(1, 3, 1, 9), float_dtypes, st.data(), seeds)
 def test_ternary_codes_scale_and_ste(shape, dtype, data, seed):
   w = data.draw(float_arrays(shape, dtype, specials=data.draw(st.booleans())))
@@ -73,6 +74,7 @@ def absmax_all(x, g, bits):
   return codes, scale, fake, vjp(g)[0]
 
 
+@pytest.mark.slow
 @given(shapes(1, 3, 1, 9), float_dtypes, st.integers(2, 8), st.data(), seeds)
 def test_absmax_codes_scale_and_ste(shape, dtype, bits, data, seed):
   x = data.draw(float_arrays(shape, dtype, specials=data.draw(st.booleans())))

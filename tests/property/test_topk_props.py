@@ -65,6 +65,7 @@ def topk_all(x, g, k, axis):
   return topk_mask(x, k, axis=axis), y, ys, vjp(g)[0], vjps(g)[0]
 
 
+@pytest.mark.slow
 @given(topk_case(), seeds)
 def test_topk_keeps_k_largest_magnitudes(case, seed):
   """Exactly k per row, the k largest |x| (lowest index wins ties, NaN first), unkept
@@ -104,6 +105,7 @@ def nm_all(x, g, n, m, axis):
   return nm_mask(x, n, m, axis=axis), y, vjp(g)[0]
 
 
+@pytest.mark.slow
 @given(nm_case(), seeds)
 def test_nm_keeps_n_per_group(case, seed):
   """n kept per group of m consecutive entries (the n largest |x|), identity gradient."""
@@ -118,6 +120,7 @@ def test_nm_keeps_n_per_group(case, seed):
   assert_same(dx, g)
 
 
+@pytest.mark.slow
 @settings(max_examples=5)
 @given(shapes(2, 3, 0, 5).filter(lambda s: 0 in s[:-1] and s[-1] > 0), float_dtypes,
        st.data())

@@ -27,6 +27,7 @@ def _model(cfg=CFG, seed=0):
   return model, model.init(jax.random.key(seed), tokens), tokens
 
 
+@pytest.mark.slow
 def test_site_names_and_unknown_site_lists_the_valid_ones():
   assert capture.site_names(CFG) == ("resid_0", "resid_1", "resid_2", "ffn_in_0",
                                      "ffn_in_1", "ffn_in_2")
@@ -38,6 +39,7 @@ def test_site_names_and_unknown_site_lists_the_valid_ones():
     capture.run_at_site(model, variables, tokens, "memory_in_0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_captures_equal_the_blocks_intermediates(rng_seed, remat):
   cfg = dataclasses.replace(CFG, remat=remat)
@@ -53,6 +55,7 @@ def test_captures_equal_the_blocks_intermediates(rng_seed, remat):
     np.testing.assert_allclose(got_logits, logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_splicing_identity_keeps_logits_and_zeroing_the_last_residual_is_uniform():
   model, variables, tokens = _model()
   clean = model.apply(variables, tokens)
@@ -94,6 +97,7 @@ def test_ffn_input_splice_zero_equals_removing_that_ffn():
   assert float(jnp.abs(want - model.apply(variables, tokens)).max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_memory_input_site_is_the_source_blocks_ffn_input():
   cfg = dataclasses.replace(CFG, memory="pkm", memory_layers="1:1",
                             memory_options={"heads": 2, "knn": 4, "num_keys": 8,

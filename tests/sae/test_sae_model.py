@@ -55,6 +55,7 @@ def _np_loss_and_grads(p, x, dead, k, k_aux, coeff, c, s):
   return mse + coeff * aux, aux, z, x_hat / c, g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_dead", [0, 5])
 def test_loss_and_gradients_match_numpy(rng_seed, num_dead):
   rng = np.random.default_rng(rng_seed)
@@ -83,6 +84,7 @@ def test_loss_and_gradients_match_numpy(rng_seed, num_dead):
   np.testing.assert_allclose(sm.decode(p32, z, c), want_xhat, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_auxk_gradient_reaches_only_dead_latents_and_skips_b_pre(rng_seed):
   """The AuxK term's own gradient: only dead latents' encoder columns / decoder rows,
   and b_pre only through the encoder (ê has no b_pre)."""

@@ -78,6 +78,7 @@ def test_rigl_regrows_a_dropped_weight_with_the_largest_gradient(rng_seed):
   assert got[smallest] and got.sum() == mask.sum()
 
 
+@pytest.mark.slow
 def test_set_matches_reference_with_the_same_noise(rng_seed):
   rng = np.random.default_rng(rng_seed)
   key = jax.random.key(rng_seed)
@@ -120,6 +121,7 @@ def test_errors():
     set_update(w, mask, drop_fraction=-0.1, key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_sharded_updates_keep_sharding_and_equal_single_device(rng_seed):
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
   sharding = NamedSharding(mesh, P("fsdp", "tensor"))

@@ -43,6 +43,7 @@ def test_initial_masks_select_the_kernels(rng_seed):
   assert all(m.dtype == jnp.bool_ and bool(m.all()) for m in masks.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.2, 0.5])
 def test_rounds_match_numpy_and_are_nested(rng_seed, fraction):
   rng = np.random.default_rng(rng_seed)
@@ -65,6 +66,7 @@ def test_rounds_match_numpy_and_are_nested(rng_seed, fraction):
     masks = new
 
 
+@pytest.mark.slow
 def test_ties_keep_the_lower_tensor_then_index():
   params = {"a": {"x": {"kernel": jnp.ones((2, 5))}}, "b": {"y": {"kernel": jnp.ones((5, 2))}}}
   masks = lottery.initial_masks(params)
@@ -104,6 +106,7 @@ def test_rewind_and_reinit_share_masks_not_values(rng_seed):
                                 np.asarray(snapshot["embedding"]["embedding"]))
 
 
+@pytest.mark.slow
 def test_sharded_round_equals_single_device(rng_seed):
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4, expert=1))
   rng = np.random.default_rng(rng_seed)

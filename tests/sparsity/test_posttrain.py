@@ -90,6 +90,7 @@ def _wanda_reference(kernel, act_norm, sparsity, nm):
     (40, 16, (4, 8), 16, 0.5),     # tail block of 8
     (36, 10, (1, 4), 36, 0.75),
 ])
+@pytest.mark.slow
 def test_sparsegpt_matches_reference(rng_seed, d, out, nm, block_size, sparsity):
   rng = np.random.default_rng(rng_seed)
   x = _calibration(rng, 4 * d, d)

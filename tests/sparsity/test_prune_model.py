@@ -212,6 +212,7 @@ def test_bad_settings(settings, match):
     PruneSettings(**settings).validate()
 
 
+@pytest.mark.slow
 def test_m_not_dividing_inputs_and_singular_hessian_name_the_field_and_layer():
   cfg, boxed, state, tokens = _model(6, d_model=36, num_heads=2, num_kv_heads=2, d_ff=48)
   mesh = _one_device()

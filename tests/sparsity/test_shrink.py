@@ -156,6 +156,7 @@ def test_shrunk_logits_equal_masked_logits(case, rng_seed):
   assert _count(params) - _count(shrunk) == dropped
 
 
+@pytest.mark.slow
 def test_config_sizes_single_when_blocks_agree(rng_seed):
   rng = np.random.default_rng(rng_seed)
   cfg = _config(num_kv_heads=2, head_dim=0)
@@ -207,6 +208,7 @@ def test_shrunk_gradients_equal_masked_gradients(rng_seed):
     np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=1e-5, err_msg=path)
 
 
+@pytest.mark.slow
 def test_channel_masks_keep_the_top_magnitude_units(rng_seed):
   cfg = _config(num_kv_heads=2, num_heads=8, head_dim=2)
   _, params = _init(cfg, rng_seed % 1000)
@@ -230,6 +232,7 @@ def test_channel_masks_keep_the_top_magnitude_units(rng_seed):
   assert (small.d_ff, small.num_heads, small.num_kv_heads) == (F // 2, 4, 1)
 
 
+@pytest.mark.slow
 def test_channel_masks_moe_keep_per_expert(rng_seed):
   cfg = _config(**MOE)
   tokens, params = _init(cfg, rng_seed % 1000)

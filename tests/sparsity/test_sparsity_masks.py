@@ -91,6 +91,7 @@ def np_nm(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
   return np.moveaxis(mask.reshape(s.shape), -1, axis)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,m,axis", [(2, 4, 0), (4, 8, 0), (1, 4, 1), (3, 4, -1),
                                       (0, 2, 0), (2, 2, 0)])
 @pytest.mark.parametrize("ties", [False, True])
@@ -110,6 +111,7 @@ def np_block(scores, density, block, pool):
   return np.repeat(np.repeat(kept, bh, axis=0), bw, axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [(2, 2), (4, 1), (1, 3), (8, 6)])
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_block_mask_matches_numpy(rng_seed, block, pool):
@@ -170,6 +172,7 @@ def mesh():
   return make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
 
 
+@pytest.mark.slow
 def test_masks_keep_sharding_and_values(rng_seed, mesh):
   rng = np.random.default_rng(rng_seed)
   scores = _scores(rng, (16, 8), ties=True)

@@ -138,6 +138,7 @@ def test_other_differences_still_fail_naming_the_path(tmp_path, rng_seed):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_old_checkpoint_resumes_to_the_straight_run(tmp_path):
   """A run resumed from an old-layout copy of its step-2 checkpoint ends with the same
   params as the uninterrupted run, and saves the current layout."""

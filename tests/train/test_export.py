@@ -60,6 +60,7 @@ def bitnet_run(tmp_path_factory):
   return workdir, jax.device_get(result.state.params), config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format,use_checkpoint_dir", [("base3", False), ("2bit", True)])
 def test_export_load_gives_identical_logits(bitnet_run, tmp_path, rng_seed, format,
                                             use_checkpoint_dir):

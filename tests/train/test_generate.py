@@ -19,6 +19,7 @@ def model_vars(rng_seed):
   return model, unbox(model.init(jax.random.key(rng_seed + 1), tokens)), tokens
 
 
+@pytest.mark.slow
 def test_prefill_then_stepwise_decode_equals_full_forward(model_vars):
   model, variables, tokens = model_vars
   full = model.apply(variables, tokens)
@@ -31,6 +32,7 @@ def test_prefill_then_stepwise_decode_equals_full_forward(model_vars):
   chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_argmax_of_repeated_full_forward(model_vars):
   model, variables, tokens = model_vars
   prompt = tokens[:, :5]
@@ -68,6 +70,7 @@ def test_bad_sampling_arguments(model_vars):
                  temperature=1.0, top_p=0.0)
 
 
+@pytest.mark.slow
 def test_generate_text_empty_prompt_starts_a_document_and_zero_tokens_is_empty(
     model_vars):
   model, variables, _ = model_vars

@@ -28,6 +28,7 @@ def test_activated_params_weights_projections_by_kept_fraction():
   assert active == pytest.approx(16 * 0.75 + 4)
 
 
+@pytest.mark.slow
 def test_run_variant_measures_sparsity_and_reuses_finished_result(tmp_path):
   config = tiny_config_dict(model=dict(linear="qsparse",
                                        linear_options={"topk_ratio": 0.5}),

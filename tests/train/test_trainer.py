@@ -42,6 +42,7 @@ def _params(result_or_state):
   return jax.tree.map(np.asarray, state.params)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_params(tmp_path):
   config = parse_config(tiny_config_dict())
   straight = train(config, str(tmp_path / "straight"))
@@ -108,6 +109,7 @@ def test_pretokenized_data_reports_bits_per_byte_as_unknown(tmp_path, rng_seed):
       "n/a (pre-tokenized data: its byte count is unknown)" in open(report).read()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = parse_config(tiny_config_dict(train=dict(num_steps=8, checkpoint_every=2)))
   poisoned = {"done": False}
@@ -149,6 +151,7 @@ registry.register("ffn", "_test_counting", options=_AuxOptions)(
     lambda cfg, options, layer: _CountingFFN(cfg, options.aux, name="ffn"))
 
 
+@pytest.mark.slow
 def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_path):
   config = parse_config(tiny_config_dict(model=dict(ffn="_test_counting",
                                                     ffn_options={"aux": 0.25})))
@@ -174,6 +177,7 @@ def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_pat
       resumed.state.model_state["counters"]["block_1"]["ffn"]["calls"], 8)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys):
   train(parse_config(tiny_config_dict(train=dict(num_steps=3))), str(tmp_path))
   other = parse_config(tiny_config_dict(model=dict(num_layers=3)))
@@ -206,6 +210,7 @@ def test_unknown_section_is_rejected():
     parse_config({**tiny_config_dict(), "modle": {}})
 
 
+@pytest.mark.slow
 def test_init_from_dense_run_continues_as_qsparse(tmp_path):
   dense = train(parse_config(tiny_config_dict(train=dict(num_steps=3))),
                 str(tmp_path / "dense"))
@@ -292,6 +297,7 @@ def _corrupt(step_dir, how):
     shutil.rmtree(os.path.join(step_dir, "state"))
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoints_are_skipped_and_set_aside(tmp_path, capsys):
   config = parse_config(tiny_config_dict(train=dict(checkpoint_every=1,
                                                     keep_checkpoints=4)))
