@@ -5,6 +5,8 @@
   .venv/bin/python experiments/device_check.py --out_dir=$OUT   # JSON into another dir
   .venv/bin/python experiments/device_check.py --interpret      # tiny, on CPU (tests)
   .venv/bin/python experiments/device_check.py --record_from=<json from another machine>
+  .venv/bin/python experiments/device_check.py --sweep   # + the GPU num_stages x
+      # num_warps launch sweep (launch_sweep.py; on by default on a GPU, --nosweep: off)
 
 On a TPU or NVIDIA GPU (H100/H200) it runs, for every kernel of the project through its
 public op, impl="pallas" (compiled: Mosaic on TPU, Triton on GPU) against impl="xla":
