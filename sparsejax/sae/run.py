@@ -38,8 +38,8 @@ from sparsejax.train.checkpoint import Checkpointer, abstract_with_shardings
 from sparsejax.train.metrics import MetricsWriter, progress_bar
 from sparsejax.train.state import TrainState
 from sparsejax.train.tokenizer import BYTES
-from sparsejax.train.trainer import (_DeferredInterrupt, _is_deleted, _prepare_workdir,
-                                     config_changes, restore_run)
+from sparsejax.train.trainer import (_DeferredInterrupt, _prepare_workdir, config_changes,
+                                     restore_run, save_on_interrupt)
 from sparsejax.validation import ConfigError, check
 
 
@@ -193,13 +193,7 @@ def train_sae(config: RunConfig, workdir: str) -> SAEResult:
           raise KeyboardInterrupt
     except KeyboardInterrupt:
       bar.close()
-      intact = not _is_deleted(state)   # a second Ctrl-C can stop a step holding it
-      if intact and int(state.step) > (ckpt.latest_step() or 0):
-        save(int(state.step))
-      ckpt.wait()
-      print(f"Interrupted: saved step {int(state.step)}; rerun the same command to "
-            "resume." if intact else "Interrupted mid-step: nothing saved; the last "
-            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+      save_on_interrupt(state, ckpt, save)
       raise
     finally:
       bar.close()

@@ -370,6 +370,19 @@ def _is_deleted(tree: Any) -> bool:
   return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
 
+def save_on_interrupt(state: Any, ckpt: Checkpointer, save: Callable[[int], None]) -> None:
+  """After Ctrl-C: saves the last completed step (unless it is on disk already, or a
+  second Ctrl-C stopped a step holding `state`), waits for the save and prints what
+  was kept."""
+  intact = not _is_deleted(state)
+  if intact and int(state.step) > (ckpt.latest_step() or 0):
+    save(int(state.step))
+  ckpt.wait()
+  print(f"Interrupted: saved step {int(state.step)}; rerun the same command to "
+        "resume." if intact else "Interrupted mid-step: nothing saved; the last "
+        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+
+
 class _DeferredInterrupt:
   """Context: the first Ctrl-C (SIGINT) only sets `requested`, so the loop finishes
   the step in flight and saves it; a second one raises KeyboardInterrupt at once.
@@ -489,13 +502,7 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
           raise KeyboardInterrupt
     except KeyboardInterrupt:
       bar.close()
-      intact = not _is_deleted(state)   # a second Ctrl-C can stop a step holding it
-      if intact and int(state.step) > (ckpt.latest_step() or 0):
-        save(int(state.step))
-      ckpt.wait()
-      print(f"Interrupted: saved step {int(state.step)}; rerun the same command to "
-            "resume." if intact else "Interrupted mid-step: nothing saved; the last "
-            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+      save_on_interrupt(state, ckpt, save)
       raise
     except BaseException:
       with contextlib.suppress(CheckpointError):  # pending saves land; keep the error
