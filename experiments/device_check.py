@@ -110,7 +110,7 @@ from sparsejax.ops.topk import topk_sparsify  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_log import RESULTS_MD, git_commit  # noqa: E402  (sibling modules)
-from timing import time_methods  # noqa: E402
+from timing import fwd_bwd_program, time_methods  # noqa: E402
 import launch_sweep  # noqa: E402
 
 KERNELS = ("topk", "memory", "attention", "nsa", "sparse_matmul")
@@ -363,19 +363,7 @@ def programs(case: Case, impl: str):
   """(jitted forward(*args), jitted forward+backward(*args, ct) -> (out, *grads))."""
   def fwd(*args):
     return case.op(*args, impl=impl)
-
-  def fwd_bwd(*args_ct):
-    *args, ct = args_ct
-
-    def partial(*d):
-      full = list(args)
-      for i, x in zip(case.diff, d):
-        full[i] = x
-      return case.op(*full, impl=impl)
-
-    out, vjp = jax.vjp(partial, *[args[i] for i in case.diff])
-    return (out, *vjp(ct))
-  return jax.jit(fwd), jax.jit(fwd_bwd)
+  return jax.jit(fwd), fwd_bwd_program(fwd, case.diff)
 
 
 @jax.jit

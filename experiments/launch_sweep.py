@@ -35,7 +35,7 @@ from pallas_kernels.topk import topk_sparsify_kernel
 from sparsejax.layers.block_sparse_linear import block_pattern
 from sparsejax.ops import masks as masks_lib
 from sparsejax.ops.block_sparse_matmul import TABLE_FIELDS, block_tables
-from timing import time_methods
+from timing import fwd_bwd_program, time_methods
 
 STAGES = (1, 2, 3, 4)
 WARPS = (4, 8)
@@ -98,22 +98,9 @@ def targets(key, mode: str, interpret: bool) -> list[Target]:
 
 
 def _programs(target: Target, launch: dict):
-  fwd = jax.jit(lambda *a: target.run(*a, **launch))
-  if target.diff is None:
-    return fwd, None
-
-  def fwd_bwd(*args_ct):
-    *args, ct = args_ct
-
-    def partial(*d):
-      full = list(args)
-      for i, x in zip(target.diff, d):
-        full[i] = x
-      return target.run(*full, **launch)
-
-    out, vjp = jax.vjp(partial, *[args[i] for i in target.diff])
-    return (out, *vjp(ct))
-  return fwd, jax.jit(fwd_bwd)
+  run = lambda *a: target.run(*a, **launch)
+  return jax.jit(run), (None if target.diff is None
+                        else fwd_bwd_program(run, target.diff))
 
 
 def _max_rel_err(got, ref) -> float:

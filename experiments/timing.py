@@ -1,4 +1,5 @@
-"""Benchmark timing shared by the bench_* scripts: interleaved round-robin samples."""
+"""Benchmark timing shared by the bench_* scripts: interleaved round-robin samples, and
+the forward+backward program that the kernel checks time."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ def time_methods(methods, args, repeats: int, min_sample_s: float) -> dict[str, 
       jax.block_until_ready(out)
       samples[name].append((time.perf_counter() - t0) / n)
   return samples
+
+
+def fwd_bwd_program(fn, diff: tuple[int, ...]):
+  """jit of (*args, ct) -> (fn(*args), *grads): the output and the vjp of `ct` w.r.t.
+  the arguments at positions `diff` (the others are held fixed)."""
+  def fwd_bwd(*args_ct):
+    *args, ct = args_ct
+
+    def partial(*d):
+      full = list(args)
+      for i, x in zip(diff, d):
+        full[i] = x
+      return fn(*full)
+
+    out, vjp = jax.vjp(partial, *[args[i] for i in diff])
+    return (out, *vjp(ct))
+  return jax.jit(fwd_bwd)
