@@ -5,7 +5,7 @@ rebuilt for sharded params).
                                            distribution="erk"), num_steps=10_000)
     tx = sparsifier.wrap_optax(optax.adamw(1e-3))
     opt_state = tx.init(params)
-    params = apply_masks(params, sparsifier.masks(opt_state))    # start sparse
+    params = apply_masks(params, sparsifier.masks(opt_state))    # start sparse (needed)
     ...
     def loss_fn(params):                      # forward on the masked weights
       return loss(sparsifier.pre_forward(params, opt_state), batch)
@@ -23,16 +23,21 @@ One `update(grads, state, params)`:
      the inner optimizer's moments stay 0 at pruned entries;
   2. the inner transformation runs; w' = w + u (for "l1", the proximal step
      w' = sign(w')·max(|w'| − λ·η_t, 0));
-  3. at a mask-update step of the algorithm (`lax.cond`), the new masks are computed
-     from w', the dense gradients (RigL, SNIP) and the step;
-  4. entries grown by the update (new ∧ ¬old) get their params-shaped inner state
-     (Adam's μ and ν) reset to 0;
-  5. the returned updates make every entry outside the new mask exactly 0 (u = −w),
+  3. at a mask-update step of the algorithm (one `lax.cond`, so steps between updates
+     skip it), the new masks are computed from w', the dense gradients (RigL, SNIP)
+     and the step; entries grown by the update (new ∧ ¬old) get their params-shaped
+     inner state (Adam's μ and ν) reset to 0, and the flipped entries are counted;
+  4. the returned updates make every entry outside the new mask exactly 0 (u = −w),
      grown entries included (they start at 0); "ste" keeps its dense weights.
 
-The forward pass must use `pre_forward(params, state)`: w + stop_gradient(w ⊙ m − w),
-the masked weights w ⊙ m with an identity (straight-through) gradient, which is the
-dense gradient w.r.t. the effective weights that RigL needs and the STE gradient.
+So for every algorithm but STE the params hold exact zeros at pruned entries at every
+step (provided they start masked: `apply_masks` above), and the forward pass runs on
+them directly: `pre_forward(params, state)` returns `params` unchanged, whose gradient
+is the dense gradient w.r.t. the effective weights that RigL grows by. For STE it is
+w + stop_gradient(w ⊙ m − w), the masked weights with a straight-through gradient to
+the dense ones. Per step, a non-STE run thus adds to the dense step one select on the
+gradients (step 1) and one on the updates (step 4), both elementwise and fused by XLA
+into the optimizer's own elementwise work, plus the mask update every Δt steps.
 """
 
 from __future__ import annotations
@@ -278,13 +283,17 @@ class Sparsifier:
                  key=jax.random.fold_in(jax.random.key(self.config.seed), step + 1),
                  granularity=self.granularity, drop_fraction=self.config.drop_fraction,
                  end=self.end)
-    pred = self._is_update_step(step)
-    new = lax.cond(pred, lambda: [jnp.asarray(m, jnp.bool_) for m in a.update_masks(s)],
-                   lambda: list(old))
-    flips = sum(jnp.sum(n_ != o, dtype=jnp.int32) for n_, o in zip(new, old))
-    if a.starts_sparse:
-      grown = {n: n_ & ~o for n, n_, o in zip(names, new, old)}
-      inner_state = _reset_grown(inner, inner_state, params, grown)
+
+    def mask_update(inner_state):   # the masks, the inner state and the flips count
+      new = [jnp.asarray(m, jnp.bool_) for m in a.update_masks(s)]
+      if a.starts_sparse:
+        grown = {n: n_ & ~o for n, n_, o in zip(names, new, old)}
+        inner_state = _reset_grown(inner, inner_state, params, grown)
+      return new, inner_state, sum((jnp.sum(n_ != o, dtype=jnp.int32)
+                                    for n_, o in zip(new, old)), jnp.zeros((), jnp.int32))
+    new, inner_state, changes = lax.cond(
+        self._is_update_step(step), mask_update,
+        lambda inner_state: (list(old), inner_state, state.changes), inner_state)
     out = {}
     for n, x, nm, om in zip(names, new_w, new, old):
       if a.dense_weights:
@@ -295,7 +304,7 @@ class Sparsifier:
     updates = _map_named(lambda n, x: out.get(n, x), updates)
     return updates, SparsifierState(step=optax.safe_increment(step),
                                     masks=dict(zip(names, new)), inner_state=inner_state,
-                                    changes=jnp.where(pred, flips, state.changes))
+                                    changes=changes)
 
   # --- helpers for the training loop ----------------------------------------------
 
@@ -305,8 +314,10 @@ class Sparsifier:
 
   def with_masks(self, opt_state: Any, masks: dict[str, jax.Array]) -> Any:
     """`opt_state` with its masks replaced by `masks` (same names and shapes), e.g. a
-    lottery ticket's masks for a `static` run; apply them to the params too
-    (`apply_masks`). Works on a SparsifierState or an optimizer state holding one."""
+    lottery ticket's masks for a `static` run. Apply them to the params too
+    (`apply_masks`): the forward pass of every algorithm but STE uses the params as
+    they are (`pre_forward`). Works on a SparsifierState or an optimizer state holding
+    one."""
     old = self.masks(opt_state)
     if set(masks) != set(old) or any(jnp.shape(masks[n]) != jnp.shape(old[n]) for n in old):
       raise ValueError(f"with_masks: masks must have the names and shapes of the "
@@ -317,8 +328,16 @@ class Sparsifier:
                         is_leaf=lambda x: isinstance(x, SparsifierState))
 
   def pre_forward(self, params: Any, opt_state: Any) -> Any:
-    """The weights the forward pass uses: w ⊙ m with a straight-through gradient
-    (w + stop_gradient(w ⊙ m − w): exactly w at kept and 0 at pruned entries)."""
+    """The weights the forward pass uses, w ⊙ m, with the dense gradient w.r.t. them.
+
+    STE keeps dense weights: w + stop_gradient(w ⊙ m − w), exactly w at kept and 0 at
+    pruned entries, with a straight-through (identity) gradient to w. Every other
+    algorithm holds exact zeros at its pruned entries (the params start masked with
+    `apply_masks`, and each update sets dropped entries to 0 and starts grown ones at
+    0), so w ⊙ m == w and `params` is returned as it is: no per-step masking, and the
+    gradient w.r.t. w is the dense one at the effective weights that RigL grows by."""
+    if not self.algorithm.dense_weights:
+      return params
     masks = self.masks(opt_state)
 
     def one(name, w):

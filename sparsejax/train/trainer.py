@@ -154,9 +154,11 @@ class Trainer:
     return apply_masks(params, self.sparsifier.init_masks(params))
 
   def forward_params(self, state: TrainState) -> Any:
-    """The weights the forward pass uses: the masked weights w ⊙ m when sparsity is
-    on (their gradient is the dense gradient w.r.t. them: straight-through for STE,
-    the effective-weight gradient RigL grows by), else the params."""
+    """The weights the forward pass uses (`Sparsifier.pre_forward`): the params as
+    they are, except under STE, whose dense weights are masked, w ⊙ m with a
+    straight-through gradient. Every other algorithm keeps exact zeros at its pruned
+    entries (masked at init, `state_from_params` and every update), so the params are
+    already w ⊙ m and their gradient is the effective-weight gradient RigL grows by."""
     if self.sparsifier is None:
       return state.params
     return self.sparsifier.pre_forward(state.params, state.opt_state)

@@ -277,6 +277,40 @@ def test_l1_proximal_step_gives_exact_zeros(rng_seed):
   np.testing.assert_allclose(p1["embedding"], p0["embedding"] - LR * g0["embedding"])
 
 
+# Every algorithm but STE: masks that change at steps 1 and 3 (gradual pruning from
+# step 0 to 4, SET/RigL every 2 steps, L1 every step; static never).
+NON_STE = {"magnitude": dict(begin_step=0, end_step=4, update_every=1),
+           "global_magnitude": dict(begin_step=0, end_step=4, update_every=1),
+           "random": dict(begin_step=0, end_step=4, update_every=1),
+           "snip": dict(begin_step=0, end_step=4, update_every=1),
+           "static": {}, "set": dict(update_every=2), "rigl": dict(update_every=2),
+           "l1": dict(l1_strength=0.5)}
+FAST_NON_STE = ("rigl", "magnitude", "l1")
+
+
+@pytest.mark.parametrize("algorithm", [
+    pytest.param(a, marks=() if a in FAST_NON_STE else pytest.mark.slow) for a in NON_STE])
+def test_non_ste_params_are_exact_zeros_at_pruned_entries_so_forward_is_unmasked(
+    algorithm, rng_seed):
+  """After every step (mask updates included) each pruned entry is exactly 0, even
+  under an inner optimizer whose updates are nonzero at zero gradients (AdamW + noise),
+  so the forward runs on the params themselves: pre_forward adds no operation."""
+  sp = _sp(algorithm=algorithm, sparsity=0.6, **NON_STE[algorithm])
+  inner = optax.chain(optax.adamw(LR, weight_decay=0.5), optax.add_noise(0.1, 0.0, 0))
+  history = _run(sp, _params(rng_seed), 5, rng_seed, inner=inner)
+  changed = 0
+  for _, _, new, state in history:
+    assert sp.pre_forward(new, state) is new
+    assert not jax.make_jaxpr(sp.pre_forward)(new, state).eqns
+    changed += int(state.changes)
+    for name, m in sp_masks(state).items():
+      w = _kernels(new)[name]
+      assert np.all(w[~m] == 0), f"{algorithm}: {name} nonzero at a pruned entry"
+      assert np.mean(w[m] != 0) > 0.5   # (weights grown at this step are still 0)
+  assert all(0 < m.mean() < 1 for m in sp_masks(history[-1][3]).values())
+  assert algorithm == "static" or changed > 0   # the masks did change
+
+
 @pytest.mark.parametrize("kind,fields", [
     ("nm", dict(n=2, m=4, sparsity=0.5)),
     ("block", dict(block=(4, 4), sparsity=0.5)),

@@ -111,6 +111,34 @@ def test_ste_forward_uses_the_masked_weights(tmp_path):
   assert float(got) == pytest.approx(float(loss), rel=1e-6)
 
 
+@pytest.mark.parametrize("sparsity,selects", [
+    (RIGL, 0), (dict(algorithm="static", sparsity=0.5), 0),
+    (dict(algorithm="ste", granularity="nm", n=2, m=4, sparsity=0.5), 2 * 7)])
+def test_forward_masks_only_ste_weights(sparsity, selects):
+  """The train and eval steps' forward runs on state.params as they are for algorithms
+  that hold exact zeros at pruned entries (no per-step w ⊙ m); STE masks its dense
+  weights, one select per masked tensor (2 layers x 7 kernels)."""
+  trainer = Trainer(parse_config(tiny_config_dict(sparsity=sparsity)))
+  state = trainer.abstract_state
+  jaxpr = jax.make_jaxpr(trainer.forward_params)(state).jaxpr
+  assert _count(jaxpr, "select_n") == selects
+  if not selects:
+    assert trainer.forward_params(state) is state.params and not jaxpr.eqns
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Equations of `primitive` in a jaxpr and the jaxprs nested in it (jnp.where is a
+  nested jit)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == primitive
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        n += _count(inner, primitive) if hasattr(inner, "eqns") else 0
+  return n
+
+
 MOE = dict(ffn="moe", ffn_options=dict(num_experts=4, top_k=2))
 
 
