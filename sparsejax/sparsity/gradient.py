@@ -2,7 +2,7 @@
 Deep Gradient Compression (DGC).
 
 Each data-parallel device compresses its own gradient before the exchange, sending per
-tensor only the k largest-|·| entries as (values, int32 flat indices):
+tensor only the k largest-|·| entries as (values, flat indices):
 
   Top-k with error feedback (Stich et al. 2018, Karimireddy et al. 2019):
       p = e + g;   send C(p) = top-k(|p|);   e ← p − C(p)
@@ -13,6 +13,14 @@ tensor only the k largest-|·| entries as (values, int32 flat indices):
 
 The receivers scatter-add the N devices' (values, indices) and divide by N: the mean of
 the sent sparse gradients replaces the dense all-reduce's mean gradient.
+
+Wire format (`value_dtype`, `index_dtype`): values float32 or bfloat16, indices int32
+(flat in the whole tensor) or uint16. With uint16 the top-k is chunked: the flat tensor
+is cut into chunks of 2^16 entries (the last one padded) and each chunk sends its own k
+largest entries with chunk-local 16-bit indices, so a sent entry costs 2 + 2 = 4 bytes
+instead of 4 + 4. Rounding the values to bfloat16 loses nothing under error feedback:
+the sender keeps p − float32(bfloat16(p)) of each sent entry in its residual (DGC: in
+the velocity v), so the rounding error is sent later, like the unsent entries.
 
 Only matrices (ndim ≥ 2) are sparsified, as in DGC's reference code: vectors and scalars
 (norm gains, biases) are a small share of the bytes and are exchanged dense (for DGC
@@ -41,7 +49,9 @@ from sparsejax.validation import check, check_choice
 METHODS = ("none", "topk_ef", "dgc")
 # DGC's warm-up densities: 75%, 93.75%, 98.4375%, 99.6% sparsity.
 DGC_WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004)
-INDEX_DTYPE = jnp.int32
+VALUE_DTYPES = ("float32", "bfloat16")
+INDEX_DTYPES = ("int32", "uint16")
+CHUNK_UINT16 = 1 << 16     # entries per top-k chunk with uint16 indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +65,18 @@ class GradCompressionConfig:
                  `warmup_ratios`, each raised to at least `ratio`.
   warmup_ratios: the warm-up stages' ratios, each in (0, 1].
   momentum:      DGC's momentum-correction factor m, in [0, 1).
+  value_dtype:   dtype of the sent values, "float32" or "bfloat16" (the rounding error
+                 stays in the sender's residual / velocity).
+  index_dtype:   dtype of the sent indices: "int32" (flat in the whole tensor) or
+                 "uint16" (top-k per chunk of 2^16 flat entries, chunk-local indices).
   """
   method: str = "none"
   ratio: float = 0.001
   warmup_steps: int = 0
   warmup_ratios: tuple[float, ...] = DGC_WARMUP_RATIOS
   momentum: float = 0.9
+  value_dtype: str = "float32"
+  index_dtype: str = "int32"
 
   def validate(self, prefix: str = "config.train.grad_compression") -> None:
     check_choice(f"{prefix}.method", self.method, METHODS)
@@ -73,10 +89,17 @@ class GradCompressionConfig:
     for i, r in enumerate(self.warmup_ratios):
       check(0 < r <= 1, f"{prefix}.warmup_ratios[{i}]", r, "in (0, 1]")
     check(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "in [0, 1)")
+    check_choice(f"{prefix}.value_dtype", self.value_dtype, VALUE_DTYPES)
+    check_choice(f"{prefix}.index_dtype", self.index_dtype, INDEX_DTYPES)
 
   @property
   def enabled(self) -> bool:
     return self.method != "none"
+
+  def chunk(self, size: int) -> int:
+    """Entries per top-k chunk of a tensor of `size` entries (the whole tensor with
+    int32 indices, at most 2^16 with uint16)."""
+    return size if self.index_dtype == "int32" else min(size, CHUNK_UINT16)
 
   def stage_ratios(self) -> tuple[float, ...]:
     """The ratio of each stage: the warm-up stages (none without warm-up), then `ratio`."""
@@ -101,44 +124,103 @@ def num_kept(ratio: float, size: int) -> int:
 
 
 def stage_ks(cfg: GradCompressionConfig, params: Any) -> list[Any]:
-  """Per stage, a pytree like `params` of k per tensor (None: the tensor is sent dense)."""
+  """Per stage, a pytree like `params` of k per chunk (`cfg.chunk`) of each tensor
+  (None: the tensor is sent dense)."""
   def ks(ratio):
     def one(p):
-      k = num_kept(ratio, math.prod(p.shape))
-      return k if len(p.shape) >= 2 and k < math.prod(p.shape) else None
+      chunk = cfg.chunk(math.prod(p.shape))
+      k = num_kept(ratio, chunk)
+      return k if len(p.shape) >= 2 and k < chunk else None
     return jax.tree.map(one, params)
   return [ks(r) for r in cfg.stage_ratios()]
 
 
-def topk_compress(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(values [k] of x's dtype, int32 flat row-major indices [k]) of the k largest |x|.
+def topk_compress(x: jax.Array, k: int, chunk: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(values [C, k] of x's dtype, int32 flat row-major indices [C, k]) of the k largest
+  |x| in each of the C = ⌈size/chunk⌉ chunks of `chunk` flat entries (default: one
+  chunk, the whole tensor). The last chunk is padded with entries that rank below
+  every real one; a padding entry is picked only when k exceeds the chunk's real
+  entries, with value 0 and an index ≥ size.
 
-  Exact top-k with the library's tie rule (`sparsejax.ops.topk`: `lax.top_k` on |x|,
-  ties keep the lower index; NaN ranks above +inf)."""
+  Exact top-k per chunk with the library's tie rule (`sparsejax.ops.topk`: `lax.top_k`
+  on |x|, ties keep the lower index; NaN ranks above +inf)."""
   flat = x.reshape(-1)
-  _, indices = lax.top_k(jnp.abs(flat), k)
-  indices = indices.astype(INDEX_DTYPE)
-  return flat[indices], indices
+  chunk = chunk or flat.size
+  num = -(-flat.size // chunk)
+  pad = num * chunk - flat.size
+  keys = jnp.pad(jnp.abs(flat), (0, pad), constant_values=-1).reshape(num, chunk)
+  _, local = lax.top_k(keys, k)
+  indices = local.astype(jnp.int32) + chunk_offsets(num, chunk)
+  values = jnp.pad(flat, (0, pad))[indices]
+  return values, indices
+
+
+def chunk_offsets(num: int, chunk: int) -> jax.Array:
+  """int32 [num, 1]: the flat index of each chunk's first entry."""
+  return (jnp.arange(num, dtype=jnp.int32) * chunk)[:, None]
+
+
+def to_wire(cfg: GradCompressionConfig, values: jax.Array, indices: jax.Array,
+            chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The arrays a device sends for `topk_compress`'s [C, k] output: values in
+  `cfg.value_dtype`, indices in `cfg.index_dtype` (with uint16: chunk-local)."""
+  if cfg.index_dtype == "uint16":
+    indices = (indices - chunk_offsets(indices.shape[-2], chunk)).astype(jnp.uint16)
+  return values.astype(cfg.value_dtype), indices
+
+
+def from_wire(values: jax.Array, indices: jax.Array, chunk: int, dtype: Any
+              ) -> tuple[jax.Array, jax.Array]:
+  """Inverse of `to_wire` on [..., C, k] arrays (e.g. [N, C, k] gathered from N
+  devices): (values in `dtype`, int32 flat indices)."""
+  if indices.dtype == jnp.uint16:
+    indices = indices.astype(jnp.int32) + chunk_offsets(indices.shape[-2], chunk)
+  return values.astype(dtype), indices
 
 
 def scatter_add(values: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Dense array of `shape`: Σ of values at their flat indices (any leading dims of
-  values/indices, e.g. [N, k] gathered from N devices, are summed too)."""
+  values/indices, e.g. [N, C, k] gathered from N devices, are summed too). Indices
+  ≥ size (a chunk's padding) are dropped."""
   dense = jnp.zeros((math.prod(shape),), values.dtype)
-  return dense.at[indices.reshape(-1)].add(values.reshape(-1)).reshape(shape)
+  return dense.at[indices.reshape(-1)].add(values.reshape(-1), mode="drop").reshape(shape)
+
+
+def subtract_at(x: jax.Array, indices: jax.Array, sent: jax.Array) -> jax.Array:
+  """x with sent[j] subtracted at flat index indices[j] (indices ≥ size dropped): what
+  the sender keeps of the entries it sent. With sent = float32(bfloat16(x)) this is the
+  rounding error, which float32 holds exactly."""
+  flat = x.reshape(-1)
+  idx = indices.reshape(-1)
+  left = flat.at[idx].get(mode="fill", fill_value=0) - sent.reshape(-1).astype(x.dtype)
+  return flat.at[idx].set(left, mode="drop").reshape(x.shape)
 
 
 def zero_at(x: jax.Array, indices: jax.Array) -> jax.Array:
-  """x with the entries at the flat `indices` set to 0."""
-  return x.reshape(-1).at[indices].set(0).reshape(x.shape)
+  """x with the entries at the flat `indices` set to 0 (indices ≥ size dropped)."""
+  return x.reshape(-1).at[indices.reshape(-1)].set(0, mode="drop").reshape(x.shape)
 
 
-def error_feedback(residual: jax.Array, grad: jax.Array, k: int
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(values, indices, new residual): p = e + g, send top-k(p), e ← p − C(p)."""
-  p = residual + grad
-  values, indices = topk_compress(p, k)
-  return values, indices, zero_at(p, indices)
+def encode(cfg: GradCompressionConfig, x: jax.Array, k: int
+           ) -> tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array]:
+  """((wire values, wire indices), int32 flat indices, x minus what was sent) for the
+  top-k per chunk of x (`cfg.chunk`) in `cfg`'s wire format."""
+  chunk = cfg.chunk(x.size)
+  values, indices = topk_compress(x, k, chunk)
+  wire = to_wire(cfg, values, indices, chunk)
+  if cfg.value_dtype == "float32":
+    return wire, indices, zero_at(x, indices)
+  sent, _ = from_wire(*wire, chunk, x.dtype)
+  return wire, indices, subtract_at(x, indices, sent)
+
+
+def error_feedback(cfg: GradCompressionConfig, residual: jax.Array, grad: jax.Array,
+                   k: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """((wire values, wire indices), new residual): p = e + g, send C(p) = top-k(p) in
+  the wire format, e ← p − C(p) (C(p) as received, rounding included)."""
+  wire, _, residual = encode(cfg, residual + grad, k)
+  return wire, residual
 
 
 def dgc_accumulate(u: jax.Array, v: jax.Array, grad: jax.Array, momentum: float
@@ -182,8 +264,9 @@ def compress_and_exchange(cfg: GradCompressionConfig, state: dict, grads: Any, k
   """One device's step of the method: (mean over devices of the sent gradients, new
   state, bytes this device sent). Runs inside `jax.shard_map` over `axis_name`.
 
-  Sparsified tensors: (values, indices) are `all_gather`ed over the axis and
-  scatter-added; dense tensors are `psum`med. Both are then divided by N."""
+  Sparsified tensors: the wire (values, indices) are `all_gather`ed over the axis,
+  decoded to the gradient's dtype and scatter-added; dense tensors are `psum`med. Both
+  are then divided by N."""
   leaves, treedef = jax.tree.flatten(grads)
   k_leaves = treedef.flatten_up_to(ks)
   if cfg.method == "topk_ef":
@@ -195,26 +278,25 @@ def compress_and_exchange(cfg: GradCompressionConfig, state: dict, grads: Any, k
   for i, (g, k) in enumerate(zip(leaves, k_leaves)):
     if cfg.method == "topk_ef":
       if k is None:
-        dense, sparse = g, None
+        dense, wire = g, None
       else:
-        values, indices, new["residual"][i] = error_feedback(slots["residual"][i], g, k)
-        sparse = (values, indices)
+        wire, new["residual"][i] = error_feedback(cfg, slots["residual"][i], g, k)
     else:
       u, v = slots["momentum"][i], slots["velocity"][i]
       if k is None:
         new["momentum"][i] = dense = cfg.momentum * u + g
-        sparse = None
+        wire = None
       else:
         u, v = dgc_accumulate(u, v, g, cfg.momentum)
-        values, indices = topk_compress(v, k)
-        new["momentum"][i], new["velocity"][i] = zero_at(u, indices), zero_at(v, indices)
-        sparse = (values, indices)
-    if sparse is None:
+        wire, indices, new["velocity"][i] = encode(cfg, v, k)
+        new["momentum"][i] = zero_at(u, indices)
+    if wire is None:
       sent_bytes += payload(dense)
       means.append(lax.psum(dense, axis_name) / num_devices)
     else:
-      sent_bytes += payload(*sparse)
-      gathered = [lax.all_gather(a, axis_name) for a in sparse]
-      means.append(scatter_add(*gathered, g.shape) / num_devices)
+      sent_bytes += payload(*wire)
+      gathered = [lax.all_gather(a, axis_name) for a in wire]
+      values, indices = from_wire(*gathered, cfg.chunk(g.size), g.dtype)
+      means.append(scatter_add(values, indices, g.shape) / num_devices)
   new_state = {name: treedef.unflatten(vals) for name, vals in new.items()}
   return treedef.unflatten(means), new_state, sent_bytes

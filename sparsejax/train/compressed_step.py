@@ -4,7 +4,8 @@ or DGC) instead of the dense all-reduce of the plain jitted step.
 Enabled by `config.train.grad_compression.method` ("topk_ef" | "dgc"). Inside
 `jax.shard_map` over the mesh, each device computes the gradient of the mean loss of
 its own batch shard, compresses it (`sparsejax.sparsity.gradient`), `all_gather`s the
-(values, int32 indices) of every matrix over the "data" axis and scatter-adds them; the
+(values, indices) of every matrix over the "data" axis in the configured wire format
+(float32 or bfloat16 values, int32 or chunk-local uint16 indices) and scatter-adds them; the
 mean over devices goes to the configured optimizer, which updates the replicated params
 identically on every device. Like the plain step it differentiates at
 `trainer.forward_params` (the masked weights under `config.sparsity`) and logs the

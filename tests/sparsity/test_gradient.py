@@ -1,6 +1,7 @@
-"""Gradient compression pieces against NumPy references: top-k (values, indices),
-scatter-add, error feedback's invariant, DGC's momentum correction / masking / local
-clipping, the ratio warm-up, and the 8-device exchange inside shard_map."""
+"""Gradient compression pieces against NumPy references: top-k (values, indices), chunked
+top-k and the bfloat16 / uint16 wire format, scatter-add, error feedback's invariant,
+DGC's momentum correction / masking / local clipping, the ratio warm-up, and the
+8-device exchange inside shard_map."""
 
 import math
 import re
@@ -24,6 +25,24 @@ def np_topk(x, k):
   return flat[order], np.array(order)
 
 
+def np_chunked_topk(x, k, chunk):
+  """Per chunk of `chunk` flat entries: the k largest |x| (ties: lower index), as flat
+  indices of x; a short last chunk contributes only its real entries."""
+  flat = np.asarray(x, np.float64).reshape(-1)
+  out = []
+  for start in range(0, flat.size, chunk):
+    part = flat[start:start + chunk]
+    order = np.lexsort((np.arange(part.size), -np.abs(part)))[:k]
+    out.append(start + order)
+  indices = np.concatenate(out)
+  return flat[indices], indices
+
+
+def bf16(x):
+  """x rounded to bfloat16 (nearest even), back in float64."""
+  return np.asarray(jnp.asarray(np.asarray(x, np.float32), jnp.bfloat16), np.float64)
+
+
 def test_topk_compress_matches_numpy(rng_seed):
   rng = np.random.default_rng(rng_seed)
   x = rng.standard_normal((7, 9)).astype(np.float32)
@@ -33,8 +52,47 @@ def test_topk_compress_matches_numpy(rng_seed):
     values, indices = gradient.topk_compress(jnp.asarray(x), k)
     ref_values, ref_indices = np_topk(x, k)
     assert indices.dtype == jnp.int32 and values.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
-    np.testing.assert_array_equal(np.asarray(values), ref_values.astype(np.float32))
+    assert indices.shape == values.shape == (1, k)
+    np.testing.assert_array_equal(np.asarray(indices)[0], ref_indices)
+    np.testing.assert_array_equal(np.asarray(values)[0], ref_values.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,k,chunk", [((7, 9), 3, 16), ((7, 9), 10, 16),
+                                           ((5, 8), 4, 8), ((300, 250), 5, 1 << 16)])
+def test_chunked_topk_and_uint16_wire_match_numpy(shape, k, chunk, rng_seed):
+  """Per-chunk top-k equals a NumPy loop over chunks (63 = 3·16 + 15: a padded last
+  chunk; k = 10 > 15 real entries of no chunk, k = 10 with chunk 16 and 63 entries:
+  the last chunk has 15); the uint16 chunk-local indices decode to the same flat
+  positions, and scatter there like the int32 path."""
+  rng = np.random.default_rng(rng_seed)
+  x = rng.standard_normal(shape).astype(np.float32)
+  values, indices = gradient.topk_compress(jnp.asarray(x), k, chunk)
+  num = -(-x.size // chunk)
+  assert values.shape == indices.shape == (num, k)
+  ref_values, ref_indices = np_chunked_topk(x, k, chunk)
+  real = np.asarray(indices).reshape(-1) < x.size
+  np.testing.assert_array_equal(np.asarray(indices).reshape(-1)[real], ref_indices)
+  np.testing.assert_array_equal(np.asarray(values).reshape(-1)[real],
+                                ref_values.astype(np.float32))
+  assert np.all(np.asarray(values).reshape(-1)[~real] == 0)   # padding sends zeros
+  cfg = GradCompressionConfig(value_dtype="bfloat16", index_dtype="uint16")
+  wire = gradient.to_wire(cfg, values, indices, chunk)
+  assert wire[0].dtype == jnp.bfloat16 and wire[1].dtype == jnp.uint16
+  assert int(np.asarray(wire[1]).max()) < chunk
+  decoded_values, decoded = gradient.from_wire(*wire, chunk, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(decoded), np.asarray(indices))
+  np.testing.assert_array_equal(np.asarray(decoded_values).reshape(-1)[real],
+                                bf16(ref_values))
+  # uint16 and int32 wire scatter to the same positions.
+  int32_wire = gradient.to_wire(GradCompressionConfig(), values, indices, chunk)
+  assert int32_wire[1].dtype == jnp.int32
+  np.testing.assert_array_equal(
+      np.asarray(gradient.scatter_add(*int32_wire, shape)) != 0,
+      np.asarray(gradient.scatter_add(decoded_values, decoded, shape)) != 0)
+  ref = np.zeros(x.size)
+  ref[ref_indices] = bf16(ref_values)
+  np.testing.assert_array_equal(
+      np.asarray(gradient.scatter_add(decoded_values, decoded, shape)).reshape(-1), ref)
 
 
 def test_scatter_add_sums_gathered_rows(rng_seed):
@@ -48,24 +106,33 @@ def test_scatter_add_sums_gathered_rows(rng_seed):
   np.testing.assert_allclose(np.asarray(out), ref.reshape(3, 5), rtol=1e-6, atol=1e-6)
 
 
-def test_error_feedback_conserves_the_gradient_sum(rng_seed):
-  """Σ_t sent_t + e_T = Σ_t g_t, and e is p with the sent entries zeroed."""
+@pytest.mark.parametrize("value_dtype,index_dtype", [("float32", "int32"),
+                                                     ("bfloat16", "uint16")])
+def test_error_feedback_conserves_the_gradient_sum(value_dtype, index_dtype, rng_seed):
+  """Each step: sent (as float32) + e_t = p_t = e_{t-1} + g_t exactly (the bfloat16
+  rounding error stays in e); so Σ_t sent_t + e_T = Σ_t g_t."""
   rng = np.random.default_rng(rng_seed)
+  cfg = GradCompressionConfig(method="topk_ef", value_dtype=value_dtype,
+                              index_dtype=index_dtype)
   shape, k = (6, 8), 3
   residual = jnp.zeros(shape)
   total_sent, total_grad = np.zeros(shape), np.zeros(shape)
   for _ in range(6):
     g = rng.standard_normal(shape).astype(np.float32)
-    p = np.asarray(residual, np.float64) + g
-    values, indices, residual = gradient.error_feedback(residual, jnp.asarray(g), k)
+    p = np.asarray(residual) + g                     # float32, as on the device
+    wire, residual = gradient.error_feedback(cfg, residual, jnp.asarray(g), k)
+    assert wire[0].dtype == value_dtype and wire[1].dtype == index_dtype
+    values, indices = gradient.from_wire(*wire, cfg.chunk(p.size), jnp.float32)
     ref_values, ref_indices = np_topk(p, k)
-    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
-    np.testing.assert_allclose(np.asarray(values), ref_values, rtol=1e-6)
-    expected = p.reshape(-1).copy()
-    expected[ref_indices] = 0
-    np.testing.assert_allclose(np.asarray(residual).reshape(-1), expected, rtol=1e-5,
-                               atol=1e-6)
-    total_sent += np.asarray(gradient.scatter_add(values, indices, shape), np.float64)
+    np.testing.assert_array_equal(np.asarray(indices).reshape(-1), ref_indices)
+    rounded = bf16(ref_values) if value_dtype == "bfloat16" else ref_values
+    np.testing.assert_array_equal(np.asarray(values).reshape(-1), rounded)
+    expected = p.reshape(-1).astype(np.float64)
+    expected[ref_indices] -= rounded
+    np.testing.assert_array_equal(np.asarray(residual).reshape(-1), expected)
+    sent = np.asarray(gradient.scatter_add(values, indices, shape))
+    np.testing.assert_array_equal(sent + np.asarray(residual), p)   # exact, float32
+    total_sent += sent
     total_grad += g
   np.testing.assert_allclose(total_sent + np.asarray(residual), total_grad, rtol=1e-5,
                              atol=1e-5)
@@ -102,8 +169,8 @@ def test_dgc_pieces_match_numpy(rng_seed):
     for i, (ru, rv, rvalues, rindices) in enumerate(ref):
       ju[i], jv[i] = gradient.dgc_accumulate(ju[i], jv[i], clipped[i], m)
       values, indices = gradient.topk_compress(jv[i], k)
-      np.testing.assert_array_equal(np.asarray(indices), rindices)
-      np.testing.assert_allclose(np.asarray(values), rvalues, rtol=1e-5, atol=1e-6)
+      np.testing.assert_array_equal(np.asarray(indices)[0], rindices)
+      np.testing.assert_allclose(np.asarray(values)[0], rvalues, rtol=1e-5, atol=1e-6)
       ju[i], jv[i] = gradient.zero_at(ju[i], indices), gradient.zero_at(jv[i], indices)
       np.testing.assert_allclose(np.asarray(ju[i]), ru, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(np.asarray(jv[i]), rv, rtol=1e-5, atol=1e-6)
@@ -144,12 +211,18 @@ def test_stage_ks_sparsify_only_matrices():
   assert ks[-1]["e"] == 1 and ks[0]["e"] == 1
   dense = gradient.stage_ks(GradCompressionConfig(ratio=1.0), params)
   assert dense == [{"w": None, "b": None, "e": None}]
+  # uint16 indices: k per chunk of 2^16 entries (here one chunk of 3000 / two of 65536).
+  big = {"w": jnp.zeros((100, 30)), "v": jnp.zeros((1000, 100))}
+  cfg = GradCompressionConfig(ratio=0.001, index_dtype="uint16")
+  assert cfg.chunk(3000) == 3000 and cfg.chunk(100_000) == 65536
+  assert gradient.stage_ks(cfg, big) == [{"w": 3, "v": 66}]
 
 
 @pytest.mark.parametrize("field,value,allowed", [
     ("ratio", 0.0, "in (0, 1]"), ("ratio", 1.5, "in (0, 1]"),
     ("method", "powersgd", "one of"), ("warmup_steps", -1, ">= 0"),
-    ("momentum", 1.0, "in [0, 1)")])
+    ("momentum", 1.0, "in [0, 1)"), ("value_dtype", "float16", "one of"),
+    ("index_dtype", "int16", "one of")])
 def test_config_errors_name_the_field(field, value, allowed):
   with pytest.raises(ConfigError, match=rf"config\.train\.grad_compression\.{field}=.*"
                      + re.escape(allowed)):
@@ -159,14 +232,20 @@ def test_config_errors_name_the_field(field, value, allowed):
                  "config.train.grad_compression")
 
 
-@pytest.mark.parametrize("method", ["topk_ef", "dgc"])
-def test_exchange_on_8_devices_matches_numpy(method, rng_seed):
+@pytest.mark.parametrize("method,value_dtype,index_dtype", [
+    ("topk_ef", "float32", "int32"), ("dgc", "float32", "int32"),
+    ("topk_ef", "bfloat16", "uint16"), ("dgc", "bfloat16", "uint16")])
+def test_exchange_on_8_devices_matches_numpy(method, value_dtype, index_dtype, rng_seed):
   """Each device compresses its own gradient; every device receives the mean of all
-  devices' sparse gradients; per-device state and the bytes sent match NumPy."""
+  devices' sparse gradients; per-device state and the bytes sent match NumPy (with
+  bfloat16 values the rounding error stays in the residual / velocity)."""
   rng = np.random.default_rng(rng_seed)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
   n, m = 8, 0.9
-  cfg = GradCompressionConfig(method=method, ratio=0.1, momentum=m)
+  cfg = GradCompressionConfig(method=method, ratio=0.1, momentum=m,
+                              value_dtype=value_dtype, index_dtype=index_dtype)
+  rnd = bf16 if value_dtype == "bfloat16" else (lambda x: x)
+  entry_bytes = 4 if value_dtype == "bfloat16" else 8
   shapes = {"w": (6, 10), "b": (10,)}
   grads = {name: rng.standard_normal((n, *s)).astype(np.float32)
            for name, s in shapes.items()}
@@ -186,7 +265,7 @@ def test_exchange_on_8_devices_matches_numpy(method, rng_seed):
   run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
                               out_specs=(P(), P("data"), P("data")), check_vma=False))
   mean, new_state, sent = run(state, grads)
-  assert np.all(np.asarray(sent) == 6 * 4 + 6 * 4 + 10 * 4)   # values + indices + dense b
+  assert np.all(np.asarray(sent) == 6 * entry_bytes + 10 * 4)   # values + indices + dense b
 
   total = np.zeros(60)
   for d in range(n):
@@ -194,8 +273,9 @@ def test_exchange_on_8_devices_matches_numpy(method, rng_seed):
     if method == "topk_ef":
       p = state["residual"]["w"][d] + g
       values, indices = np_topk(p, 6)
+      values = rnd(values)
       left = p.reshape(-1).copy()
-      left[indices] = 0
+      left[indices] -= values
       np.testing.assert_allclose(np.asarray(new_state["residual"]["w"][d]).reshape(-1),
                                  left, rtol=1e-5, atol=1e-6)
       # Per device: sent + new residual = old residual + gradient.
@@ -207,11 +287,15 @@ def test_exchange_on_8_devices_matches_numpy(method, rng_seed):
     else:
       u = g                     # u = m·0 + g, v = 0 + u
       values, indices = np_topk(u, 6)
+      values = rnd(values)
       masked = u.reshape(-1).copy()
       masked[indices] = 0
-      for name in ("momentum", "velocity"):
-        np.testing.assert_allclose(np.asarray(new_state[name]["w"][d]).reshape(-1),
-                                   masked, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(new_state["momentum"]["w"][d]).reshape(-1),
+                                 masked, rtol=1e-5, atol=1e-6)
+      left = u.reshape(-1).copy()
+      left[indices] -= values   # v keeps the rounding error of what it sent
+      np.testing.assert_allclose(np.asarray(new_state["velocity"]["w"][d]).reshape(-1),
+                                 left, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(np.asarray(new_state["momentum"]["b"][d]),
                                  grads["b"][d], rtol=1e-6)
     np.add.at(total, indices, values)

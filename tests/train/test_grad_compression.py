@@ -28,11 +28,15 @@ def _run(config, steps):
   return state, jax.device_get(metrics)
 
 
+WIRE = dict(value_dtype="bfloat16", index_dtype="uint16")
+
+
 @pytest.mark.slow
-def test_ratio_one_gives_the_plain_step_params():
+@pytest.mark.parametrize("wire", [{}, WIRE])
+def test_ratio_one_gives_the_plain_step_params(wire):
   plain, plain_metrics = _run(parse_config(tiny_config_dict()), 3)
   config = parse_config(tiny_config_dict(
-      train=dict(grad_compression=dict(method="topk_ef", ratio=1.0))))
+      train=dict(grad_compression=dict(method="topk_ef", ratio=1.0, **wire))))
   dense, metrics = _run(config, 3)
   chex.assert_trees_all_close(jax.device_get(dense.params), jax.device_get(plain.params),
                               rtol=2e-5, atol=2e-6)
@@ -42,19 +46,24 @@ def test_ratio_one_gives_the_plain_step_params():
   assert all(np.all(np.asarray(r) == 0) for r in jax.tree.leaves(dense.grad_comm))
 
 
-def _expected_bytes(params, ratio):
+def _expected_bytes(params, ratio, entry_bytes=8):
+  """(bytes one device sends, dense bytes); the tiny model's matrices are below 2^16
+  entries, so uint16 indices use one chunk per tensor."""
   sent = 0
   for p in jax.tree.leaves(params):
+    assert p.size < 1 << 16
     k = gradient.num_kept(ratio, p.size)
-    sent += k * 8 if p.ndim >= 2 and k < p.size else p.size * 4
+    sent += k * entry_bytes if p.ndim >= 2 and k < p.size else p.size * 4
   return sent, sum(p.size * 4 for p in jax.tree.leaves(params))
 
 
 @pytest.mark.slow
 def test_train_logs_bytes_and_resumes_dgc_state_exactly(tmp_path):
+  """DGC with bfloat16 values + uint16 indices (4 bytes per sent entry)."""
   config = parse_config(tiny_config_dict(
       optim=dict(b1=0.0),
-      train=dict(grad_compression=dict(method="dgc", ratio=0.01, warmup_steps=4))))
+      train=dict(grad_compression=dict(method="dgc", ratio=0.01, warmup_steps=4,
+                                       **WIRE))))
   straight = train(config, str(tmp_path / "straight"))
   def stop_at_3(step, state):
     if step == 3:
@@ -72,14 +81,14 @@ def test_train_logs_bytes_and_resumes_dgc_state_exactly(tmp_path):
 
   records = [r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
              if r["split"] == "train"]
-  sent, dense = _expected_bytes(straight.state.params, 0.01)
+  sent, dense = _expected_bytes(straight.state.params, 0.01, entry_bytes=4)
   last = records[-1]
   assert last["step"] == 6 and last["grad_ratio"] == pytest.approx(0.01)
   assert last["comm_bytes"] == sent and last["dense_bytes"] == dense
   assert last["compression"] == pytest.approx(dense / sent, rel=1e-6)
   warm = records[0]    # step 2 ran with the second warm-up stage's ratio
   assert warm["grad_ratio"] == pytest.approx(0.0625)
-  assert warm["comm_bytes"] == _expected_bytes(straight.state.params, 0.0625)[0]
+  assert warm["comm_bytes"] == _expected_bytes(straight.state.params, 0.0625, 4)[0]
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -114,7 +123,7 @@ def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
   assert [r["name"] for r in rows] == ["dense", "topk_ef_999"]
   dense, sparse = rows
   params = Trainer(parse_config(module.variant_config("dense", 3))).abstract_state.params
-  sent, dense_bytes = _expected_bytes(params, 0.001)
+  sent, dense_bytes = _expected_bytes(params, 0.001, entry_bytes=4)   # bf16 + uint16
   assert dense["sent_bytes"] == dense["dense_bytes"] == dense_bytes
   assert sparse["sent_bytes"] == sent and sparse["ratio"] == pytest.approx(dense_bytes / sent)
   report = (workdir / "report.md").read_text()
@@ -152,3 +161,23 @@ def test_compressed_step_compiles_for_tpu(method):
     compiled = compile_for_tpu(trainer._train_step, trainer.abstract_state,
                                {"inputs": tokens, "targets": tokens}, mesh=trainer.mesh)
   assert "all-gather" in compiled.hlo
+
+
+def test_verdict_against_dense_and_the_counterpart():
+  """The table and verdict compare each variant with dense and with its same-optimizer
+  counterpart (dgc_* → dgc_dense, topk_ef_* → dense)."""
+  with experiment_module("grad_compression") as module:
+    row = lambda name, loss, ratio: dict(name=name, val_loss=loss, ratio=ratio,
+                                         sent_bytes=1.0, run_ratio=ratio,
+                                         tokens_per_s=1.0, wall_s=1.0)
+    rows = [row("dense", 2.0, 1.0), row("dgc_dense", 2.1, 1.0), row("dgc_993", 2.115, 101.0),
+            row("topk_ef_99", 2.01, 50.0)]
+    assert module.gaps(rows[2], rows) == pytest.approx({"dense": 0.0575,
+                                                       "dgc_dense": 0.015 / 2.1})
+    assert module.gaps(rows[3], rows) == pytest.approx({"dense": 0.005})
+    text = module.verdict(rows)
+    assert ("dgc_993: 101× fewer bytes, val loss +5.75% vs dense — target not met (loss "
+            "gap > 1%); +0.71% vs dgc_dense — target met.") in text
+    assert ("topk_ef_99: 50× fewer bytes, val loss +0.50% vs dense — target not met "
+            "(bytes ratio < 100×).") in text
+    assert "| dgc_993 | 2.1150 | +5.75% | +0.71% (dgc_dense) |" in module.markdown_table(rows)
