@@ -52,13 +52,13 @@ def test_main_records_a_section(bench, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(bench.results_log, "RESULTS_MD", str(md))
   argv = ["bench_sparse_training", "--d_model=16", "--num_layers=1", "--batch=2",
           "--seq_len=8", "--update_every=4", "--repeats=1", "--min_sample_s=0",
-          "--algorithms=static,rigl,ste", "--record"]
+          "--algorithms=static,rigl,ste", "--statistic=min", "--record"]
   monkeypatch.setattr(sys, "argv", argv)   # the recorded command
   run_main(bench, argv)
   out = capsys.readouterr().out
   for name in ("dense", "static", "rigl", "ste"):
     assert f"| {name} |" in out
-  assert "RigL amortized overhead at Δt = 4" in out
+  assert "RigL amortized overhead at Δt = 4" in out and "min of 1 interleaved" in out
   section = md.read_text()
   assert "## Sparse training step cost vs dense" in section
   assert "--update_every=4" in section and "bench_shrink.py" in section
