@@ -231,3 +231,24 @@ def test_no_predicate_errors():
     M.DocumentMask([0, 1]).predicate(np.arange(2), np.arange(2))
   with pytest.raises(TypeError, match="no single predicate"):
     M.MultiHeadMask((M.CausalMask(),)).predicate(np.arange(2), np.arange(2))
+
+
+def test_band_masks_block_info_equals_the_element_wise_path(rng_seed):
+  """Causal, local, chunked masks and their `&` take the row-bounds path of
+  `mask_info`; the same mask behind an `|` with itself (no bounds) takes the
+  element-wise path: every field agrees, on random shapes and parameters."""
+  rng = np.random.default_rng(rng_seed)
+  for _ in range(12):
+    bq, bkv = (int(b) for b in rng.choice([1, 4, 8, 16], 2))
+    t, s = bq * int(rng.integers(1, 9)), bkv * int(rng.integers(1, 9))
+    left, right = (int(v) for v in rng.integers(0, 40, 2))
+    offset = int(rng.integers(-20, 20))
+    chunk = int(rng.integers(1, 30))
+    for mask in (M.CausalMask(offset), M.LocalMask(left, right), M.ChunkedCausalMask(chunk),
+                 M.CausalMask(offset) & M.LocalMask(left, right),
+                 M.CausalMask(-9) & M.LocalMask(2)):                  # every row empty
+      assert mask.row_bounds(np.arange(t)) is not None
+      fast, slow = M.mask_info(mask, t, s, bq, bkv), M.mask_info(mask | mask, t, s, bq, bkv)
+      for name, a, b in zip(fast._fields, fast, slow):
+        np.testing.assert_array_equal(a, b, err_msg=f"{mask} {t}x{s} {bq}x{bkv}: {name}")
+      assert fast.nnz.sum() == mask.dense(t, s).sum()
