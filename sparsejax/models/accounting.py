@@ -222,7 +222,9 @@ ATTENTION_FLOPS = {"mha": _mha_flops}
 FFN_FLOPS = {"swiglu": _glu_flops, "relu2_glu": _glu_flops, "relu2": _relu2_flops,
              "moe": _moe_flops}
 MEMORY_FLOPS = {"pkm": _pkm_flops, "ultramem": _ultramem_flops}
-DENSE_LINEARS = ("dense", "bitnet")   # every projection does all its multiply-adds
+# Every projection does all its multiply-adds: ternary weights and top-K-masked
+# activations (Q-Sparse) still go through dense matmuls here.
+DENSE_LINEARS = ("dense", "bitnet", "qsparse", "bitnet_qsparse")
 
 
 def _supported(model: ModelConfig, kind: str, table) -> None:

@@ -107,11 +107,18 @@ def test_pkm_and_ultramem_flops_by_hand():
 
 @pytest.mark.parametrize("cfg,field", [
     (dict(BASE, attention="nsa"), "config.model.attention='nsa'"),
-    (dict(BASE, linear="qsparse"), "config.model.linear='qsparse'"),
+    (dict(BASE, linear="block_sparse"), "config.model.linear='block_sparse'"),
 ])
 def test_flops_per_token_rejects_components_without_a_formula(cfg, field):
   with pytest.raises(ValueError, match=field):
     accounting.flops_per_token(parse_model_config(cfg), 16)
+
+
+@pytest.mark.parametrize("linear", ["bitnet", "qsparse", "bitnet_qsparse"])
+def test_ternary_and_topk_linears_count_the_dense_matmuls(linear):
+  """Ternary weights and top-K-masked activations still run dense matmuls."""
+  assert accounting.flops_per_token(parse_model_config(dict(BASE, linear=linear)), 16) \
+      == accounting.flops_per_token(parse_model_config(BASE), 16)
 
 
 def test_selected_units_from_hand_built_collections():
