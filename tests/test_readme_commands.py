@@ -18,7 +18,8 @@ import sparsejax.train.trainer  # noqa: F401
 from conftest import REPO, experiment_module, run_main
 
 _ONE_STEP = ["--config.train.num_steps=1", "--config.train.eval_batches=1",
-             "--config.train.sample_tokens=0", "--config.data.batch_size=8"]
+             "--config.train.sample_tokens=0", "--config.data.batch_size=8",
+             "--config.data.seq_len=32"]
 
 
 def readme_commands():
@@ -46,11 +47,16 @@ def _parse(script, args, monkeypatch):
   argv = [script, *args]
   monkeypatch.setattr(sys, "argv", argv)
   with experiment_module(name) as module:
-    flags.FLAGS(argv)
+    before = set(flags.FLAGS)
+    if hasattr(module, "define_flags"):      # a script that defines them under __main__
+      module.define_flags()
     try:
+      flags.FLAGS(argv)
       return module.load_config() if name == "train" else None
     finally:
       flags.FLAGS.unparse_flags()
+      for flag in set(flags.FLAGS) - before:   # define_flags' (attributed to this file)
+        delattr(flags.FLAGS, flag)
 
 
 def test_readme_has_the_commands():
@@ -121,7 +127,8 @@ def test_train_command_runs_one_step(args, tmp_path, monkeypatch, capsys):
   one step with a small batch."""
   os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
   monkeypatch.chdir(tmp_path)
-  for command in [*_prerequisites(args), args]:
+  for command in [*_prerequisites(args), args]:   # an absolute workdir goes under tmp_path
+    command = [a.replace("--workdir=/", "--workdir=") for a in command]
     argv = ["experiments/train.py", *command, *_ONE_STEP]
     monkeypatch.setattr(sys, "argv", argv)
     with experiment_module("train") as module:
