@@ -5,9 +5,9 @@ over a 4-chip v5e / v6e slice (the ops pick the Mosaic kernels from the mesh in
 context), f32 and bf16, as one gradient program (`jax.grad` of Σ out²: the forward
 kernel and every backward kernel in one compile). The XLA:TPU / Mosaic compilers check what interpret mode and
 `.lower(lowering_platforms=("tpu",))` cannot: tile alignment, matmul operand types,
-SMEM / VMEM allocation. Small shapes for every chip; the realistic shapes (256k-row
-memory table, 32k-token attention and NSA, a 4096 × 16384 block-sparse weight on 16k
-tokens) are `slow`.
+SMEM / VMEM allocation. Small shapes for every chip and dtype; the realistic shapes
+(256k-row memory table, 32k-token attention and NSA, a 4096 × 16384 block-sparse weight
+on 16k tokens) in bf16 on v5e are `slow`.
 
 The op matrix uses `check_vma=False`, so that a Mosaic error is not hidden behind the
 shard_map type check; `test_kernel_under_checked_shard_map` compiles each op under the
@@ -138,10 +138,10 @@ def test_kernel_compiles(topology, op, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("op", list(OPS))
-def test_kernel_compiles_realistic_shapes(op, dtype):
-  compile_case(OPS[op](dtype, big=True), "v5e:2x2", backward=True)
+def test_kernel_compiles_realistic_shapes(op):
+  """bf16, the dtype of runs at these sizes (f32 tiling is compiled at the small shapes)."""
+  compile_case(OPS[op](jnp.bfloat16, big=True), "v5e:2x2", backward=True)
 
 
 @pytest.mark.slow

@@ -223,6 +223,7 @@ def test_sparse_config_trains_two_steps(name, tmp_path):
   config.train.update(num_steps=2, eval_batches=1, eval_every=0, checkpoint_every=0,
                       sample_tokens=0)
   config.data.update(batch_size=8, seq_len=32)
+  config.model.update(d_model=64, num_layers=2)   # the sparsity section is what is tested
   config = parse_config(config)
   assert config.sparsity.enabled
   result = train(config, str(tmp_path))
