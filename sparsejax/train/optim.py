@@ -1,5 +1,9 @@
-"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping, and
-per-parameter-group learning-rate multipliers.
+"""The optimizer: AdamW (or SGD with momentum) with warmup + cosine decay, global-norm
+clipping, and per-parameter-group learning-rate multipliers.
+
+`name="sgd"` is momentum SGD (momentum = `b1`, 0 for none; `b2`/`eps` unused) with
+coupled L2 weight decay (`weight_decay · w` added to the gradient of the matrices), the
+optimizer of the DGC paper's experiments (Lin et al. 2018).
 
 Groups are regexes on the "/"-joined parameter path (e.g. "block_\\d+/memory/values");
 the first matching group's multiplier scales that parameter's whole update (Adam step
@@ -22,10 +26,12 @@ import optax
 from sparsejax.validation import check
 
 Multiplier = float | Callable[[jax.Array], jax.Array]
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+  name: str = "adamw"                # "adamw" | "sgd" (momentum SGD, momentum = b1)
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   min_lr_ratio: float = 0.1          # final LR of the cosine decay / peak LR
@@ -37,6 +43,7 @@ class OptimConfig:
   lr_multipliers: Mapping[str, float] = flax.core.FrozenDict()  # path regex -> factor
 
   def validate(self, prefix: str = "config.optim") -> None:
+    check(self.name in OPTIMIZERS, f"{prefix}.name", self.name, f"one of {OPTIMIZERS}")
     check(self.learning_rate > 0, f"{prefix}.learning_rate", self.learning_rate, "> 0")
     check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, ">= 0")
     check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio,
@@ -114,8 +121,12 @@ def make_optimizer(cfg: OptimConfig, num_steps: int,
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.name == "sgd":
+    parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(schedule, momentum=cfg.b1 or None))
+  else:
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
   multipliers = {**cfg.lr_multipliers, **(extra_multipliers or {})}
   if multipliers:
     parts.append(scale_by_group(multipliers))

@@ -68,3 +68,28 @@ def test_clipping_bounds_the_global_norm(rng_seed):
   clip = optax.clip_by_global_norm(1.0)
   out, _ = clip.update(huge, clip.init(params))
   assert float(optax.tree.norm(out)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_sgd_is_momentum_sgd_with_l2_on_matrices(rng_seed):
+  """name="sgd": v ← b1·v + g + λ·w (λ on matrices only), update = −lr·v."""
+  params = _params(rng_seed)
+  lr, b1, wd = 0.1, 0.9, 0.01
+  tx, _ = make_optimizer(OptimConfig(name="sgd", learning_rate=lr, warmup_steps=0,
+                                     min_lr_ratio=1.0, b1=b1, weight_decay=wd,
+                                     grad_clip_norm=0.0), 10)
+  state = tx.init(params)
+  velocity = jax.tree.map(jnp.zeros_like, params)
+  for step in range(3):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (step + 1)), params)
+    updates, state = tx.update(grads, state, params)
+    velocity = jax.tree.map(
+        lambda v, g, p: b1 * v + g + (wd * p if p.ndim >= 2 else 0.0),
+        velocity, grads, params)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, -lr * v, rtol=1e-5,
+                                                         atol=1e-7), updates, velocity)
+    params = optax.apply_updates(params, updates)
+
+
+def test_unknown_optimizer_name_is_refused_by_field():
+  with pytest.raises(ValueError, match=r"config\.optim\.name"):
+    OptimConfig(name="adam").validate()
