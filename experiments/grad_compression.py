@@ -67,6 +67,7 @@ _OVERRIDES = flags.DEFINE_string("overrides", "", "JSON dict deep-merged into ev
 _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
 CONFIG = "grad_compression"
 TARGET_RATIO, TARGET_LOSS = 100.0, 0.01
+BASELINES = ("dense", "dgc_dense", "sgd_dense")
 
 
 def variant_config(name: str, steps: int, overrides: dict | None = None) -> dict:
@@ -94,7 +95,10 @@ def comm_stats(metrics_path: str, dense_bytes: float) -> dict[str, float]:
 
 
 def counterpart(name: str) -> str:
-  """The dense variant with the same optimizer as `name` (DGC's optimizer: dgc_dense)."""
+  """The dense variant with the same optimizer as `name` (DGC's optimizer: dgc_dense;
+  the momentum-SGD variants: sgd_dense)."""
+  if name.startswith("sgd"):
+    return "sgd_dense"
   return "dgc_dense" if name.startswith("dgc") else "dense"
 
 
@@ -125,7 +129,7 @@ def verdict(rows: list[dict]) -> str:
   same-optimizer counterpart (generated from numbers)."""
   out = []
   for r in rows:
-    if r["name"] in ("dense", "dgc_dense") or not gaps(r, rows):
+    if r["name"] in BASELINES or not gaps(r, rows):
       continue
     parts = []
     for base, gap in gaps(r, rows).items():
@@ -185,11 +189,12 @@ def main(argv):
       f"{first['data']['batch_size']}, {steps} steps, {rows[0]['total_params']:,} params "
       f"({rows[0]['dense_bytes']:,.0f} bytes of float32 gradient). Matrices send "
       f"{wire_format(cfgs)}; norm gains (vectors) are sent dense in float32. DGC: "
-      "momentum 0.9 with factor masking, local clipping at grad_clip_norm/√N, ratio "
+      "momentum 0.9 with factor masking, local clipping at grad_clip_norm·√N, ratio "
       "warm-up 25% → 6.25% → 1.56% → max(0.4%, ratio) over the first quarter of the "
       "steps, AdamW with b1 = 0 and no clipping of the aggregate (dgc_dense: the same "
-      "at ratio 1); top-k EF and dense: AdamW b1 = 0.9, global-norm clipping at 1. Val "
-      "loss in nats per byte.\n\n"
+      "at ratio 1); top-k EF and dense: AdamW b1 = 0.9, global-norm clipping at 1; "
+      "sgd_*: momentum SGD (0.9, L2 weight decay), whose DGC runs move the momentum "
+      "and the clipping into the devices. Val loss in nats per byte.\n\n"
       f"Target: ≥ {TARGET_RATIO:.0f}× fewer bytes with val loss within "
       f"{TARGET_LOSS:.0%} of dense. Measured: {verdict(rows)}\n\n"
       "Wall-clock: the fake devices share the CPU cores and exchange through memory, "

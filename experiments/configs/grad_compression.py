@@ -19,6 +19,12 @@ sparse variant sends bfloat16 values + uint16 chunk-local indices, 4 bytes per e
   dgc_993      the same at ratio 0.007 (99.3%: ≈100× fewer bytes)
   dgc_995      the same at ratio 0.005 (99.5%)
   dgc_999      the same at ratio 0.001 (99.9%)
+  sgd_dense    the DGC paper's setting: momentum SGD (momentum 0.9, L2 weight decay,
+               global-norm clipping) with the dense all-reduce
+  sgd_dgc_993  DGC at ratio 0.007 on it: the momentum moves into the devices' momentum
+               correction (optimizer SGD without momentum), the clipping into their
+               local clipping
+  sgd_dgc_999  the same at ratio 0.001
 """
 
 import os
@@ -27,8 +33,10 @@ import runpy
 dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 NUM_STEPS = 300
+SGD_LR, SGD_WEIGHT_DECAY = 0.3, 1e-4
 WIRE = dict(value_dtype="bfloat16", index_dtype="uint16")
 DGC = dict(method="dgc", warmup_steps=NUM_STEPS // 4, **WIRE)
+SGD = dict(name="sgd", learning_rate=SGD_LR, weight_decay=SGD_WEIGHT_DECAY)
 VARIANTS = {
     "dense": dict(method="none"),
     "dgc_dense": dict(DGC, ratio=1.0),
@@ -38,6 +46,9 @@ VARIANTS = {
     "dgc_993": dict(DGC, ratio=0.007),
     "dgc_995": dict(DGC, ratio=0.005),
     "dgc_999": dict(DGC, ratio=0.001),
+    "sgd_dense": dict(method="none"),
+    "sgd_dgc_993": dict(DGC, ratio=0.007),
+    "sgd_dgc_999": dict(DGC, ratio=0.001),
 }
 
 
@@ -52,6 +63,8 @@ def get_config(variant: str = "dense"):
                       checkpoint_every=NUM_STEPS // 2, sample_tokens=0)
   config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
   config.train.grad_compression = VARIANTS[variant]
+  if variant.startswith("sgd"):
+    config.optim.update(SGD)
   if VARIANTS[variant]["method"] == "dgc":
     config.optim.b1 = 0.0
   return config

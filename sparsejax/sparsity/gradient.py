@@ -7,7 +7,7 @@ tensor only the k largest-|·| entries as (values, flat indices):
   Top-k with error feedback (Stich et al. 2018, Karimireddy et al. 2019):
       p = e + g;   send C(p) = top-k(|p|);   e ← p − C(p)
   DGC (Lin et al. 2018), for momentum SGD:
-      g ← g · min(1, (c/√N) / ‖g‖)                  local gradient clipping
+      g ← g · min(1, (c·√N) / ‖g‖)                  local gradient clipping
       u ← m·u + g;   v ← v + u;   send C(v)          momentum correction
       v ← v ⊙ ¬sent;   u ← u ⊙ ¬sent                 (u: momentum factor masking)
 
@@ -232,12 +232,19 @@ def dgc_accumulate(u: jax.Array, v: jax.Array, grad: jax.Array, momentum: float
 
 def clip_local(grads: Any, max_norm: float, num_devices: int) -> Any:
   """DGC's local gradient clipping: scales a device's gradient pytree to global norm at
-  most max_norm/√N (0: no clipping)."""
+  most max_norm·√N (0: no clipping).
+
+  `grads` is the gradient of the mean loss over the device's own batch shard, and the
+  exchange averages the N devices' gradients. Lin et al. (2018) clip each node's share
+  G_k = local / N of a summed gradient at c·N^(−1/2) (N independent, identically
+  distributed shares sum to about √N times one share's norm); for the local mean
+  gradient that threshold is N · c · N^(−1/2) = c·√N, which clips the devices about as
+  often as clipping the averaged gradient at c would."""
   if max_norm <= 0:
     return grads
   norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                       for g in jax.tree.leaves(grads)))
-  scale = jnp.minimum(1.0, (max_norm / math.sqrt(num_devices)) / jnp.maximum(norm, 1e-30))
+  scale = jnp.minimum(1.0, (max_norm * math.sqrt(num_devices)) / jnp.maximum(norm, 1e-30))
   return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
 
 

@@ -142,7 +142,7 @@ def np_dgc_step(u, v, g, m, k, clip, n):
   """NumPy DGC on one device's flat gradient: clip, u ← m·u + g, v ← v + u, top-k(v),
   mask u and v where sent."""
   norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g))
-  scale = min(1.0, clip / math.sqrt(n) / norm)
+  scale = min(1.0, clip * math.sqrt(n) / norm)
   out = []
   for ui, vi, gi in zip(u, v, g):
     ui = m * ui + gi * scale
@@ -183,7 +183,7 @@ def test_clip_local_bounds_the_norm(rng_seed):
        "b": jnp.asarray(rng.standard_normal(8), jnp.float32)}
   out = gradient.clip_local(g, 1.0, 4)
   norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in out.values()))
-  assert norm == pytest.approx(0.5, rel=1e-5)
+  assert norm == pytest.approx(2.0, rel=1e-5)        # max_norm · √N
   np.testing.assert_allclose(np.asarray(out["a"]) / np.asarray(g["a"]), norm /
                              np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
                                          for x in g.values())), rtol=1e-5)
@@ -303,3 +303,16 @@ def test_exchange_on_8_devices_matches_numpy(method, value_dtype, index_dtype, r
                              atol=1e-6)
   np.testing.assert_allclose(np.asarray(mean["b"]), grads["b"].mean(0), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_clip_local_clips_about_as_often_as_the_dense_average(rng_seed):
+  """N independent noise gradients whose average has norm c (the dense run's threshold)
+  each have norm ≈ c·√N: the local clipping at c·√N leaves them (nearly) as they are,
+  as the dense clipping leaves their average."""
+  n, c = 8, 1.0
+  rng = np.random.default_rng(rng_seed)
+  local = rng.standard_normal((n, 4096)).astype(np.float32)
+  local *= c / np.linalg.norm(local.mean(0))            # ‖mean‖ = c exactly
+  scales = [float(np.linalg.norm(np.asarray(gradient.clip_local([jnp.asarray(g)], c, n)[0]))
+                  / np.linalg.norm(g)) for g in local]
+  assert min(scales) > 0.9, scales

@@ -166,13 +166,14 @@ def test_compressed_step_compiles_for_tpu():
 
 def test_verdict_against_dense_and_the_counterpart():
   """The table and verdict compare each variant with dense and with its same-optimizer
-  counterpart (dgc_* → dgc_dense, topk_ef_* → dense)."""
+  counterpart (dgc_* → dgc_dense, topk_ef_* → dense, sgd_dgc_* → sgd_dense)."""
   with experiment_module("grad_compression") as module:
     row = lambda name, loss, ratio: dict(name=name, val_loss=loss, ratio=ratio,
                                          sent_bytes=1.0, run_ratio=ratio,
                                          tokens_per_s=1.0, wall_s=1.0)
     rows = [row("dense", 2.0, 1.0), row("dgc_dense", 2.1, 1.0), row("dgc_993", 2.115, 101.0),
-            row("topk_ef_99", 2.01, 50.0)]
+            row("topk_ef_99", 2.01, 50.0), row("sgd_dense", 2.4, 1.0),
+            row("sgd_dgc_993", 2.41, 101.0)]
     assert module.gaps(rows[2], rows) == pytest.approx({"dense": 0.0575,
                                                        "dgc_dense": 0.015 / 2.1})
     assert module.gaps(rows[3], rows) == pytest.approx({"dense": 0.005})
@@ -181,4 +182,8 @@ def test_verdict_against_dense_and_the_counterpart():
             "gap > 1%); +0.71% vs dgc_dense — target met.") in text
     assert ("topk_ef_99: 50× fewer bytes, val loss +0.50% vs dense — target not met "
             "(bytes ratio < 100×).") in text
+    assert module.gaps(rows[5], rows) == pytest.approx({"dense": 0.205,
+                                                       "sgd_dense": 0.01 / 2.4})
+    assert "sgd_dense:" not in text and "dgc_dense:" not in text
+    assert "+0.42% vs sgd_dense — target met." in text
     assert "| dgc_993 | 2.1150 | +5.75% | +0.71% (dgc_dense) |" in module.markdown_table(rows)
