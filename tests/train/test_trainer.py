@@ -261,11 +261,12 @@ def test_ctrl_c_mid_step_saves_that_step_and_resumes_exactly(tmp_path, monkeypat
                                                                capsys):
   config = parse_config(tiny_config_dict())
   straight = train(config, str(tmp_path / "straight"))
+  handler = signal.getsignal(signal.SIGINT)    # SIG_IGN in a background job
   with monkeypatch.context() as m:
     _sigint_after_dispatch(m, trainer_for(config), at=4)
     with pytest.raises(KeyboardInterrupt):
       train(config, str(tmp_path / "resumed"))
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler    # restored
   assert "Interrupted: saved step 4;" in capsys.readouterr().out
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"), key=int) == ["3", "4"]
   resumed = train(config, str(tmp_path / "resumed"))
@@ -275,13 +276,14 @@ def test_ctrl_c_mid_step_saves_that_step_and_resumes_exactly(tmp_path, monkeypat
 def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path,
                                                                      monkeypatch, capsys):
   config = parse_config(tiny_config_dict())
+  handler = signal.getsignal(signal.SIGINT)
   with monkeypatch.context() as m:
     _sigint_after_dispatch(m, trainer_for(config), at=5, times=2)
     with pytest.raises(KeyboardInterrupt):
       train(config, str(tmp_path))
   assert "nothing saved; the last checkpoint is step 3" in capsys.readouterr().out
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler
 
 
 def _corrupt(step_dir, how):
