@@ -82,9 +82,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
   """Runs the `slow` tests (seconds to a minute each) before the rest (mostly under a
-  second), keeping the order within each group: `make test` hands the tests to its
-  workers in this order (`--dist load`), so the run ends on short tests instead of one
-  worker finishing a long one while the other idles."""
+  second), keeping the order within each group. `make test` (`--dist worksteal`) gives
+  each worker a contiguous half of this order and lets an idle worker take the tail of
+  the other's queue, so the run ends on short tests instead of one worker finishing a
+  long one while the other idles."""
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
