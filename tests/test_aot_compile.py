@@ -176,6 +176,17 @@ def test_too_big_for_the_chip_names_the_biggest_buffers():
     plan(config, TOPOLOGY, decode_batch=0)
 
 
+def test_batch_that_does_not_split_over_the_chips_names_the_field():
+  """6 sequences on the 4 data-parallel chips of a v5e 2x2: a named ConfigError before
+  any trace (not jax's IndivisibleError from inside the compile)."""
+  tpu_aot.tpu_devices(TOPOLOGY)
+  config = parse_config(tiny_config_dict(data=dict(batch_size=6, seq_len=32),
+                                         mesh={"data": -1}))
+  with pytest.raises(ValueError, match=r"config\.data\.batch_size=6 .*divisible by the 4 "
+                                       r"data-parallel devices"):
+    plan(config, TOPOLOGY, decode_batch=0)
+
+
 def test_decode_param_bytes_follow_the_routing_expectation():
   """MoE: every param but the experts', + E·(1 − (1 − k/E)^B) experts, in bf16."""
   config = tiny(ffn="moe", ffn_options=dict(num_experts=8, top_k=2, d_expert=16))

@@ -34,7 +34,7 @@ from sparsejax.scaling import roofline
 from sparsejax.scaling.tpu import TpuCompileError, compile_for_tpu, tpu_mesh
 from sparsejax.train.config import Config
 from sparsejax.train.generate import decode_step
-from sparsejax.train.trainer import Trainer
+from sparsejax.train.trainer import Trainer, check_batch
 from sparsejax.validation import ConfigError, check
 
 GIB = 1 << 30
@@ -237,10 +237,13 @@ def plan(config: Config, topology: str, *, train: bool = True, decode_batch: int
   """The JSON-ready report of `config` compiled for `topology` (module docstring).
 
   `train=False` skips the train step, `decode_batch` = 0 the decode step (with both,
-  only the params and the on-paper decode bytes are reported). Raises HbmOverflowError when a step does
-  not fit, ConfigError for a mesh that does not match the slice or a bad `fit_layers`.
+  only the params and the on-paper decode bytes are reported). Raises HbmOverflowError
+  when a step does not fit, ConfigError for a mesh that does not match the slice, a
+  batch that does not split over its data-parallel chips or a bad `fit_layers`.
   """
   mesh = tpu_mesh(topology, config.mesh)
+  if train:
+    check_batch(config.data.batch_size, mesh)
   num_chips = mesh.devices.size
   spec = roofline.chip(mesh.devices.flat[0].device_kind)
   depth = config.model.num_layers

@@ -359,8 +359,9 @@ def _prepare_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
 
 
-def _check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  """The global batch must split evenly over the data-parallel mesh axes."""
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """The global batch must split evenly over the data-parallel mesh axes (ConfigError
+  naming config.data.batch_size otherwise)."""
   axes = {a: mesh.shape[a] for a in sharding.BATCH_AXES}
   ways = math.prod(axes.values())
   check(batch_size % ways == 0, "config.data.batch_size", batch_size,
@@ -425,7 +426,7 @@ def train(config: Config, workdir: str, *, hooks: Sequence[Hook] = ()) -> TrainR
   cfg = config.train
   _prepare_workdir(workdir)
   trainer = trainer_for(config)
-  _check_batch(config.data.batch_size, trainer.mesh)
+  check_batch(config.data.batch_size, trainer.mesh)
   config_dict = config_to_dict(config)
   train_iter = iter(data_lib.make_dataset(config.data, "train",
                                           vocab_size=config.model.vocab_size))
