@@ -142,6 +142,9 @@ def run_cli(main: Callable[[list[str]], Any], *,
       return flags.FLAGS(argv)
     except (flags.Error, *KNOWN_ERRORS) as e:  # e.g. --config.x=y on a missing file
       sys.exit(f"error: {_one_line(e)} (see --help)")
+    except KeyError as e:  # an override below a field the config does not have
+      sys.exit(f"error: unknown config field {_one_line(e.args[0] if e.args else e)} "
+               "(see --help)")
 
   def guarded(argv: list[str]) -> Any:
     if quiet_logs is not None and not debug.value:

@@ -92,6 +92,13 @@ def test_fields_left_at_their_default_can_be_overridden(monkeypatch):
       "--config.model.ffn_options.dispatch=capacity"], monkeypatch)
   assert config.model.remat is True and config.mesh.expert == 4
   assert config.model.ffn_options["expert_parallel"] is True
+  for base in ("experiments/configs/dense.py", "experiments/configs/scale/dense.py:8b"):
+    config = _parse("experiments/train.py", [   # an options mapping the file leaves empty
+        f"--config={base}", "--config.model.attention=block_sparse",
+        "--config.model.attention_options.pattern=local",
+        "--config.model.attention_options.window=256"], monkeypatch)
+    assert config.model.attention_options["pattern"] == "local", base
+    assert config.model.attention_options["window"] == 256, base
   with pytest.raises(ValueError, match=r"config\.model\.num_layrs \(did you mean "
                                        r"config\.model\.num_layers\?\)"):
     _parse("experiments/train.py", ["--config=experiments/configs/tiny.py",

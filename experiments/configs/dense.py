@@ -11,7 +11,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4,
                       num_kv_heads=2, d_ff=0, tie_embeddings=True, dtype="float32",
-                      attention="mha", ffn="swiglu", linear="dense", kernel_impl="auto")
+                      attention="mha", ffn="swiglu", linear="dense", kernel_impl="auto",
+                      # present (empty: the component's defaults) so that any option
+                      # can be set from the command line, e.g.
+                      # --config.model.attention_options.pattern=local
+                      attention_options={}, ffn_options={}, linear_options={},
+                      memory_options={})
   config.data = dict(path="", seq_len=128, batch_size=16, val_fraction=0.05, seed=0)
   config.optim = dict(learning_rate=3e-3, warmup_steps=30, min_lr_ratio=0.1,
                       weight_decay=0.1, grad_clip_norm=1.0)

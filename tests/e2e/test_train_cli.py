@@ -80,6 +80,9 @@ def _mistakes(tmp_path):
                               "--config=nope/tiny.py: cannot load it ([Errno 2]"),
       "unknown field": ([f"--workdir={run}", "--config.model.num_layrs=3"], {},
                         "config.model.num_layrs (did you mean config.model.num_layers?)"),
+      "unknown parent field": (
+          [f"--workdir={run}", "--config.model.atention_options.pattern=local"], {},
+          "unknown config field 'atention_options' Did you mean \"attention_options\""),
       "bad flag value": ([f"--workdir={run}", "--config.train.num_steps=abc"], {},
                          "--config.train.num_steps=abc"),
       "data path missing": ([f"--workdir={run}", f"--config.data.path={tmp_path}/no"],
@@ -100,7 +103,8 @@ def _mistakes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mistake", [
-    "bad value", "config file missing", "unknown field", "bad flag value",
+    "bad value", "config file missing", "unknown field", "unknown parent field",
+    "bad flag value",
     "data path missing", "data path empty", "token id out of range", "mesh size",
     "batch not divisible", "workdir is a file"])
 def test_cli_prints_one_error_line_per_known_mistake(tmp_path, mistake):

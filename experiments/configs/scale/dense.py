@@ -26,7 +26,9 @@ def get_config(size: str = "1b") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = dict(vocab_size=128256, rope_theta=500_000.0, dtype="bfloat16",
                       param_dtype="float32", remat=True, attention="mha", ffn="swiglu",
-                      linear="dense", kernel_impl="auto", **SIZES[size])
+                      linear="dense", kernel_impl="auto", attention_options={},
+                      ffn_options={}, linear_options={}, memory_options={},  # overridable
+                      **SIZES[size])
   config.data = dict(path="", seq_len=4096, batch_size=256)
   config.optim = dict(learning_rate=3e-4, warmup_steps=2000, min_lr_ratio=0.1,
                       weight_decay=0.1, grad_clip_norm=1.0)
