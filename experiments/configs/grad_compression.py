@@ -33,10 +33,9 @@ import runpy
 dense = runpy.run_path(os.path.join(os.path.dirname(__file__), "dense.py"))
 
 NUM_STEPS = 300
-SGD_LR, SGD_WEIGHT_DECAY = 0.3, 1e-4
 WIRE = dict(value_dtype="bfloat16", index_dtype="uint16")
 DGC = dict(method="dgc", warmup_steps=NUM_STEPS // 4, **WIRE)
-SGD = dict(name="sgd", learning_rate=SGD_LR, weight_decay=SGD_WEIGHT_DECAY)
+SGD = dict(name="sgd", learning_rate=0.3, weight_decay=1e-4)
 VARIANTS = {
     "dense": dict(method="none"),
     "dgc_dense": dict(DGC, ratio=1.0),
