@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging  # noqa: F401
 import sparsejax.train.report  # noqa: F401
 import sparsejax.train.trainer  # noqa: F401
+from sparsejax.models.config import PER_LAYER_FIELDS
 
 from conftest import REPO, experiment_module, run_main
 
@@ -126,17 +127,29 @@ def test_readme_train_commands_are_runnable():
         assert _prerequisites(args), a
 
 
+def _fewest_layers(command, monkeypatch):
+  """`--config.model.num_layers=N` with the fewest blocks (≥ 2) that keep every
+  component of the command's model (its memory placements), or nothing when the
+  config sizes its blocks one by one. Compile time grows with the depth."""
+  model = _parse("experiments/train.py", command, monkeypatch).model
+  if any(getattr(model, name) for name in PER_LAYER_FIELDS):
+    return []
+  fewest = max([2, *(dst + 1 for _, dst in model.memory_placements)])
+  return [f"--config.model.num_layers={fewest}"] if fewest < model.num_layers else []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", RUNNABLE, ids=[" ".join(a)[9:70] for a in RUNNABLE])
 def test_train_command_runs_one_step(args, tmp_path, monkeypatch, capsys):
   """The README train.py command, run from a scratch directory after the commands
   whose workdir it starts from (e.g. init_from=workdir/dense), trains and checkpoints
-  one step with a small batch."""
+  one step with a small batch and the fewest blocks its model allows."""
   os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
   monkeypatch.chdir(tmp_path)
   for command in [*_prerequisites(args), args]:   # an absolute workdir goes under tmp_path
     command = [a.replace("--workdir=/", "--workdir=") for a in command]
-    argv = ["experiments/train.py", *command, *_ONE_STEP]
+    argv = ["experiments/train.py", *command, *_ONE_STEP,
+            *_fewest_layers(command, monkeypatch)]
     monkeypatch.setattr(sys, "argv", argv)
     with experiment_module("train") as module:
       run_main(module, argv)
