@@ -1,6 +1,6 @@
 """experiments/compare.py: the experiment configs' FLOPs/params (by
 `sparsejax.models.accounting`) against hand counts, and main() in-process on a tiny
-model (2 steps, moe + ultramem)."""
+model (2 blocks, 2 steps, moe + ultramem)."""
 
 import json
 import math
@@ -63,6 +63,21 @@ def test_main_writes_report(compare, tmp_path, monkeypatch):
           "optim": {"warmup_steps": 1}, "train": {"eval_batches": 1}}
   argv = ["compare", f"--workdir={workdir}", "--steps=2", "--variants=moe,ultramem",
           f"--overrides={json.dumps(tiny)}", "--record"]
+  configs = compare.variant_configs
+
+  def two_blocks(*args, **kwargs):
+    """The variants with 2 blocks instead of the configs' 4 (ultramem's skip-layer
+    memory reads block 0 and adds after block 1): half the programs to compile.
+    --overrides cannot do it: it applies to every variant, and memory_layers must be
+    empty without a memory."""
+    out = configs(*args, **kwargs)
+    for config in out.values():
+      config["model"]["num_layers"] = 2
+      if config["model"].get("memory_layers"):
+        config["model"]["memory_layers"] = "0:1"
+    return out
+
+  monkeypatch.setattr(compare, "variant_configs", two_blocks)
   run_main(compare, argv)
 
   report = (workdir / "report.md").read_text()
@@ -72,6 +87,7 @@ def test_main_writes_report(compare, tmp_path, monkeypatch):
   for name in ("moe", "ultramem"):
     assert f"| {name} |" in report
   assert "Expected (paper)" in report and "Measured order" in report
+  assert "d_model 32, 2 blocks" in report
   assert (workdir / "val_curves.png").stat().st_size > 0
   rows = json.loads((workdir / "results.json").read_text())["variants"]
   assert [r["name"] for r in rows] == ["moe", "ultramem"]

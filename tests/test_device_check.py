@@ -25,10 +25,21 @@ def test_cpu_run_needs_accelerator_and_exits_zero():
   assert "Kernel modules: all import." in proc.stdout
 
 
+def _fewer_blocks(dc, monkeypatch):
+  """The --interpret (tiny) attention and NSA cases at 2 × 2 blocks of 32 (T = 64,
+  instead of 4 × 4) and 3 selection blocks of 16 (T = 48, instead of 4): still several
+  blocks per axis (full, partial and empty tiles; selection among blocks) at fewer
+  interpret-mode grid steps."""
+  tiny = dict(dc.SIZES["tiny"], attention=(1, 64, 2, 1, 16, 32),
+              nsa=(1, 48, 2, 1, 16, 16, 2))
+  monkeypatch.setitem(dc.SIZES, "tiny", tiny)
+
+
 @pytest.mark.slow
-def test_interpret_run_checks_every_kernel(tmp_path, capsys):
+def test_interpret_run_checks_every_kernel(tmp_path, capsys, monkeypatch):
   md = tmp_path / "RESULTS.md"
   with experiment_module("device_check") as dc:
+    _fewer_blocks(dc, monkeypatch)
     run_main(dc, ["device_check", "--interpret", f"--out_dir={tmp_path}",
                   f"--results_md={md}", "--seed=7"])
     out = capsys.readouterr().out
@@ -68,6 +79,7 @@ def test_perturbed_kernels_fail(tmp_path, capsys, monkeypatch):
   forward untouched) and an exception (attention) are all reported FAIL, exit 1; the
   exception does not hide the other kernels."""
   with experiment_module("device_check") as dc:
+    _fewer_blocks(dc, monkeypatch)
     topk, lookup = dc.topk_sparsify, dc.memory_lookup
     attention = dc.block_sparse_attention
 

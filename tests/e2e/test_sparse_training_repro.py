@@ -43,10 +43,14 @@ def test_orderings_follow_the_numbers(repro):
   assert "lottery_density" not in text
 
 
-@pytest.mark.slow   # trains 9 variants + a 1-round lottery, tiny (~60 s of CPU)
+@pytest.mark.slow   # trains 9 variants + a 1-round lottery, tiny (~30 s of CPU)
 def test_quick_record(repro, tmp_path, monkeypatch, capsys):
   md = tmp_path / "RESULTS.md"
   monkeypatch.setattr(repro.results_log, "RESULTS_MD", str(md))
+  # One block instead of --quick's two: every variant compiles half the model (its
+  # init, train and eval programs dominate the run); nothing checked depends on depth.
+  monkeypatch.setattr(repro, "QUICK", repro.sweep.deep_update(
+      repro.QUICK, {"model": {"num_layers": 1}}))
   argv = ["sparse_training", "--quick", f"--workdir={tmp_path / 'run'}", "--record"]
   monkeypatch.setattr(sys, "argv", argv)   # the recorded command
   run_main(repro, argv)
@@ -59,6 +63,7 @@ def test_quick_record(repro, tmp_path, monkeypatch, capsys):
   tokens = {json.loads(p.read_text())["tokens"]
             for p in (tmp_path / "run" / "seed_0").glob("*/result.json")}
   assert tokens == {8 * 8 * 32}                      # the same tokens for every run
+  assert results["base"]["model"]["num_layers"] == 1
   section = md.read_text()
   assert "## Sparse training reproduction on cpu" in section
   assert "--quick" in section and "Orderings from the papers" in section

@@ -3,6 +3,7 @@ resume, Ctrl-C, and one `error:` line (no traceback) for each known mistake."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config_dict
-from sparsejax.train.config import parse_config
-from sparsejax.train.trainer import train
+from conftest import REPO
 
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
 
@@ -44,10 +43,17 @@ def _fails_with_one_line(cmd, env=None):
   return errors[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """(workdir, output) of the CLI training the tiny config (6 steps, with a sample);
+  tests that change the run work on a copy."""
+  workdir = str(tmp_path_factory.mktemp("tiny") / "run")
+  return workdir, _run(workdir)
+
+
 @pytest.mark.slow
-def test_cli_trains_reports_and_resumes(tmp_path):
-  workdir = str(tmp_path / "run")
-  out = _run(workdir)
+def test_cli_trains_reports_and_resumes(tiny_run, tmp_path):
+  workdir, out = tiny_run
   assert "final: step 6, val loss" in out and "--- sample ---" in out
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
@@ -59,6 +65,8 @@ def test_cli_trains_reports_and_resumes(tmp_path):
   with open(os.path.join(workdir, "loss_curve.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Same command with more steps resumes from step 6 instead of starting over.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
   out = _run(workdir, "--config.train.num_steps=8", "--config.train.eval_every=4")
   assert "Resumed from" in out and "final: step 8" in out
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir,
@@ -117,11 +125,13 @@ def test_cli_prints_one_error_line_per_known_mistake(tmp_path, mistake):
 
 
 @pytest.mark.slow
-def test_cli_refuses_to_resume_another_model(tmp_path):
-  train(parse_config(tiny_config_dict(train=dict(num_steps=1))), str(tmp_path))
-  line = _fails_with_one_line(_cmd(tmp_path, "--config.model.num_layers=3"))
+def test_cli_refuses_to_resume_another_model(tiny_run):
+  workdir = tiny_run[0]
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  line = _fails_with_one_line(_cmd(workdir, "--config.model.num_layers=3"))
   assert ("different config.model (config.model.num_layers=2, now 3); resume it with "
           "its own config or use a new --workdir") in line
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 @pytest.mark.slow

@@ -259,9 +259,9 @@ def test_sequences_shorter_than_a_compression_block(rng_seed, t):
   want, branches, _ = _np_nsa(q, kv, gates, phi_k, phi_v, **cfg)
   assert aux["p_cmp"].shape == (1, t, HQ, 0) and (np.asarray(aux["o_cmp"]) == 0).all()
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-  grads = jax.grad(lambda q: nsa.nsa_attention(q, *kv, gates, phi_k=phi_k, phi_v=phi_v,
-                                               **{k: v for k, v in cfg.items()
-                                                  if k != "t"}).sum())(q)
+  grads = jax.jit(jax.grad(lambda q: nsa.nsa_attention(
+      q, *kv, gates, phi_k=phi_k, phi_v=phi_v,
+      **{k: v for k, v in cfg.items() if k != "t"}).sum()))(q)
   assert np.isfinite(grads).all() and np.abs(grads).max() > 0
 
 

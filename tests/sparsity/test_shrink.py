@@ -50,7 +50,7 @@ def _apply_masks(params, masks):
 
 
 def _logits(cfg, params, tokens):
-  return np.asarray(DecoderLM(cfg).apply({"params": params}, tokens))
+  return np.asarray(jax.jit(DecoderLM(cfg).apply)({"params": params}, tokens))
 
 
 def _count(tree):
@@ -201,8 +201,9 @@ def test_shrunk_gradients_equal_masked_gradients(rng_seed):
   small, shrunk = shrink(params, masks, cfg)
   cotangent = rng.standard_normal((2, T, cfg.vocab_size)).astype(np.float32)
   loss = lambda c, p: jnp.sum(DecoderLM(c).apply({"params": p}, tokens) * cotangent)
-  want = _take_kept(jax.grad(lambda p: loss(cfg, p))(_apply_masks(params, masks)), masks)
-  got = _flat(jax.grad(lambda p: loss(small, p))(shrunk))
+  want = _take_kept(jax.jit(jax.grad(lambda p: loss(cfg, p)))(_apply_masks(params, masks)),
+                    masks)
+  got = _flat(jax.jit(jax.grad(lambda p: loss(small, p)))(shrunk))
   assert set(got) == set(want)
   for path in want:
     np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=1e-5, err_msg=path)

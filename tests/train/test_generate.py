@@ -11,23 +11,30 @@ from sparsejax.sharding import unbox
 from sparsejax.train import generate as gen
 
 
+_MODEL = DecoderLM(parse_model_config(dict(d_model=32, num_layers=2, num_heads=4,
+                                            num_kv_heads=2)))
+# Jitted: one XLA program per shape instead of op-by-op dispatch, which compiles every
+# primitive of the model separately for each new sequence length.
+_init = jax.jit(_MODEL.init)
+_forward = jax.jit(_MODEL.apply)
+
+
 @pytest.fixture
 def model_vars(rng_seed):
-  cfg = parse_model_config(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2))
-  model = DecoderLM(cfg)
   tokens = jax.random.randint(jax.random.key(rng_seed), (3, 14), 0, 256)
-  return model, unbox(model.init(jax.random.key(rng_seed + 1), tokens)), tokens
+  return _MODEL, unbox(_init(jax.random.key(rng_seed + 1), tokens)), tokens
 
 
 @pytest.mark.slow
 def test_prefill_then_stepwise_decode_equals_full_forward(model_vars):
   model, variables, tokens = model_vars
-  full = model.apply(variables, tokens)
+  full = _forward(variables, tokens)
   cache = gen.init_cache(model, 3, 20)            # longer than used: tail stays masked
-  logits, cache = gen.decode_step(model, variables, cache, tokens[:, :6])
+  decode = jax.jit(gen.decode_step, static_argnums=0)
+  logits, cache = decode(model, variables, cache, tokens[:, :6])
   outs = [logits]
   for t in range(6, 14):
-    logits, cache = gen.decode_step(model, variables, cache, tokens[:, t:t + 1])
+    logits, cache = decode(model, variables, cache, tokens[:, t:t + 1])
     outs.append(logits)
   chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=2e-5, rtol=2e-5)
 
@@ -39,7 +46,7 @@ def test_greedy_generate_equals_argmax_of_repeated_full_forward(model_vars):
   out = gen.generate(model, variables, prompt, jax.random.key(0), max_new_tokens=6)
   ref = np.asarray(prompt)
   for _ in range(6):       # reference without any cache: full forward each time
-    nxt = np.argmax(np.asarray(model.apply(variables, jnp.asarray(ref)))[:, -1], -1)
+    nxt = np.argmax(np.asarray(_forward(variables, jnp.asarray(ref)))[:, -1], -1)
     ref = np.concatenate([ref, nxt[:, None]], 1)
   np.testing.assert_array_equal(out, ref)
 
@@ -77,7 +84,7 @@ def test_generate_text_empty_prompt_starts_a_document_and_zero_tokens_is_empty(
   text = gen.generate_text(model, variables, "", max_new_tokens=5, temperature=0.0)
   ref = np.zeros((1, 1), np.int32)              # the EOS token (byte 0) as the context
   for _ in range(5):
-    nxt = np.argmax(np.asarray(model.apply(variables, jnp.asarray(ref)))[:, -1], -1)
+    nxt = np.argmax(np.asarray(_forward(variables, jnp.asarray(ref)))[:, -1], -1)
     ref = np.concatenate([ref, nxt[:, None]], 1)
   assert text == bytes(ref[0, 1:].tolist()).decode("utf-8", errors="replace")
   assert gen.generate_text(model, variables, "def ", max_new_tokens=0) == ""

@@ -111,6 +111,12 @@ def test_ratio_out_of_range_names_the_field():
                                                                     ratio=0.0))))
 
 
+# The experiment's variants at the tiny config's sizes (the byte counts and the report
+# are computed from whatever model it trains).
+TINY = {"model": {"d_model": 32}, "data": {"seq_len": 32, "batch_size": 8},
+        "train": {"eval_batches": 1}}
+
+
 @pytest.mark.slow
 def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
   with experiment_module("grad_compression") as module:
@@ -118,11 +124,13 @@ def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
     monkeypatch.setattr(module.results_log, "RESULTS_MD", str(md))
     workdir = tmp_path / "gc"
     run_main(module, ["grad_compression", f"--workdir={workdir}", "--steps=3",
-                      "--variants=dense,topk_ef_999", "--record"])
+                      "--variants=dense,topk_ef_999", f"--overrides={json.dumps(TINY)}",
+                      "--record"])
   rows = json.loads((workdir / "results.json").read_text())["variants"]
   assert [r["name"] for r in rows] == ["dense", "topk_ef_999"]
   dense, sparse = rows
-  params = Trainer(parse_config(module.variant_config("dense", 3))).abstract_state.params
+  params = Trainer(parse_config(module.variant_config("dense", 3, TINY))
+                   ).abstract_state.params
   sent, dense_bytes = _expected_bytes(params, 0.001, entry_bytes=4)   # bf16 + uint16
   assert dense["sent_bytes"] == dense["dense_bytes"] == dense_bytes
   assert sparse["sent_bytes"] == sent and sparse["ratio"] == pytest.approx(dense_bytes / sent)
@@ -132,6 +140,7 @@ def test_experiment_reports_bytes_and_verdict(tmp_path, monkeypatch):
   assert (workdir / "val_curves.png").stat().st_size > 0
   assert (workdir / "train_curves.png").stat().st_size > 0
   assert "grad_compression.py" in md.read_text()
+  assert "d_model 32, 2 blocks, seq_len 32, global batch 8" in report
 
 
 def test_dgc_moves_the_clipping_to_the_devices():

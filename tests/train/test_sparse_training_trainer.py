@@ -43,15 +43,25 @@ def test_sparsity_is_off_by_default():
   assert not isinstance(trainer.abstract_state.opt_state, SparsifierState)
 
 
+@pytest.fixture(scope="module")
+def rigl_runs(tmp_path_factory):
+  """The tiny config with RIGL: 6 steps straight (`root/straight`), and 4 steps,
+  Ctrl-C, resumed to 6 (`root/resumed`); one set of compiled programs for both tests
+  that read them."""
+  root = tmp_path_factory.mktemp("rigl")
+  config = parse_config(tiny_config_dict(sparsity=RIGL))
+  straight = train(config, str(root / "straight"))
+  with pytest.raises(KeyboardInterrupt):
+    train(config, str(root / "resumed"), hooks=[_ctrl_c_after_step_4])
+  resumed = train(config, str(root / "resumed"))
+  return config, root, straight, resumed
+
+
 @pytest.mark.slow   # trains (about 30-70 s on a 2-core CPU)
-def test_rigl_run_resumes_bitwise_and_logs_sparsity(tmp_path):
+def test_rigl_run_resumes_bitwise_and_logs_sparsity(rigl_runs):
   """train 6 steps straight == train 4, stop, resume to 6: bitwise equal params and
   masks; masks change every step and pruned weights stay 0."""
-  config = parse_config(tiny_config_dict(sparsity=RIGL))
-  straight = train(config, str(tmp_path / "straight"))
-  with pytest.raises(KeyboardInterrupt):
-    train(config, str(tmp_path / "resumed"), hooks=[_ctrl_c_after_step_4])
-  resumed = train(config, str(tmp_path / "resumed"))
+  config, root, straight, resumed = rigl_runs
   sp = straight.trainer.sparsifier
   masks, params = _host(sp.masks(straight.state.opt_state)), _host(straight.state.params)
   got_masks = _host(sp.masks(resumed.state.opt_state))
@@ -64,7 +74,7 @@ def test_rigl_run_resumes_bitwise_and_logs_sparsity(tmp_path):
     assert np.all(flat[name][~m] == 0) and np.mean(flat[name][m] != 0) > 0.9
   assert "embedding" not in masks and not any("norm" in n for n in masks)
 
-  records = [r for r in read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
+  records = [r for r in read_metrics(str(root / "resumed" / "metrics.jsonl"))
              if r["split"] == "train"]
   assert [r["step"] for r in records] == [2, 4, 6]
   for r in records:
@@ -79,7 +89,7 @@ def test_rigl_run_resumes_bitwise_and_logs_sparsity(tmp_path):
   assert records[-1]["sparsity/flops_saving"] == pytest.approx(2 * pruned / flops,
                                                                rel=1e-6)
   assert records[0]["sparsity/mask_changes"] > 0
-  report = write_report(str(tmp_path / "resumed"), config=config_to_dict(config),
+  report = write_report(str(root / "resumed"), config=config_to_dict(config),
                         metrics=resumed.metrics, num_params=1, sample_prompt="def ",
                         sample="")
   text = open(report).read()
@@ -87,11 +97,26 @@ def test_rigl_run_resumes_bitwise_and_logs_sparsity(tmp_path):
   assert "| `block_0/ffn/up_proj/kernel` |" in text
 
 
+def _config_file(name: str) -> tuple[dict, Config]:
+  """(the namespace of experiments/configs/<name>.py, its config at the tiny model's
+  size and data, 2 steps, 1 eval batch); its sparsity section is what is tested."""
+  module = runpy.run_path(os.path.join(REPO, "experiments", "configs", f"{name}.py"))
+  config = module["get_config"]()
+  config.train.update(num_steps=2, eval_batches=1, eval_every=0, checkpoint_every=0,
+                      sample_tokens=0)
+  config.data.update(batch_size=8, seq_len=32)
+  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
+  return module, parse_config(config)
+
+
 @pytest.mark.slow   # trains (about 30-70 s on a 2-core CPU)
 def test_ste_forward_uses_the_masked_weights(tmp_path):
-  config = parse_config(tiny_config_dict(
-      sparsity=dict(algorithm="ste", granularity="nm", n=2, m=4, sparsity=0.5),
-      train=dict(num_steps=2, eval_every=0, checkpoint_every=0)))
+  """STE 2:4 (the nm_2_4 config, as test_sparse_config_trains_two_steps trains it: the
+  same compiled programs): dense weights, masked forward, sample and eval."""
+  _, config = _config_file("nm_2_4")
+  sparsity = config.sparsity
+  assert (sparsity.algorithm, sparsity.granularity, sparsity.n, sparsity.m,
+          sparsity.sparsity) == ("ste", "nm", 2, 4, 0.5)
   result = train(config, str(tmp_path))
   trainer, state = result.trainer, result.state
   masks = _host(trainer.sparsifier.masks(state.opt_state))
@@ -159,14 +184,16 @@ def test_masks_are_sharded_like_their_params(model, mesh, sharded):
 
 
 @pytest.mark.slow   # trains (about 30-70 s on a 2-core CPU)
-def test_resume_refuses_another_sparsity_config(tmp_path):
-  config = parse_config(tiny_config_dict(sparsity=RIGL, train=dict(
-      num_steps=1, eval_every=0, checkpoint_every=0)))
-  train(config, str(tmp_path))
+def test_resume_refuses_another_sparsity_config(rigl_runs):
+  """Resuming the finished RIGL run (sparsity 0.8) at sparsity 0.5 fails naming the
+  field, before anything is written."""
+  workdir = rigl_runs[1] / "straight"
+  before = sorted(os.listdir(workdir / "checkpoints"))
   other = parse_config(tiny_config_dict(sparsity={**RIGL, "sparsity": 0.5}, train=dict(
       num_steps=2, eval_every=0, checkpoint_every=0)))
   with pytest.raises(ConfigError, match=r"config\.sparsity\.sparsity=0\.8, now 0\.5"):
-    train(other, str(tmp_path))
+    train(other, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -216,15 +243,8 @@ CONFIGS = ["prune_gradual", "rigl", "set", "static_sparse", "nm_2_4"]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_sparse_config_trains_two_steps(name, tmp_path):
-  path = os.path.join(REPO, "experiments", "configs", f"{name}.py")
-  module = runpy.run_path(path)
+  module, config = _config_file(name)
   assert f"--config=experiments/configs/{name}.py" in module["__doc__"]
-  config = module["get_config"]()
-  config.train.update(num_steps=2, eval_batches=1, eval_every=0, checkpoint_every=0,
-                      sample_tokens=0)
-  config.data.update(batch_size=8, seq_len=32)
-  config.model.update(d_model=64, num_layers=2)   # the sparsity section is what is tested
-  config = parse_config(config)
   assert config.sparsity.enabled
   result = train(config, str(tmp_path))
   assert result.metrics["step"] == 2 and np.isfinite(result.metrics["loss"])

@@ -42,10 +42,22 @@ def _params(result_or_state):
   return jax.tree.map(np.asarray, state.params)
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """(workdir, result) of the tiny config trained 6 steps uninterrupted: the reference
+  of the resume tests and a finished run to start from. Tests only read it."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return workdir, train(parse_config(tiny_config_dict()), workdir)
+
+
+@pytest.fixture
+def straight(straight_run):
+  return straight_run[1]
+
+
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_identical_params(tmp_path):
+def test_interrupted_run_resumes_to_identical_params(tmp_path, straight):
   config = parse_config(tiny_config_dict())
-  straight = train(config, str(tmp_path / "straight"))
   with pytest.raises(KeyboardInterrupt):
     train(config, str(tmp_path / "resumed"), hooks=[_Interrupt(4)])
   # Saved on interruption at step 4 (between the step-3 and step-6 checkpoints).
@@ -58,10 +70,9 @@ def test_interrupted_run_resumes_to_identical_params(tmp_path):
   assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-5)
 
 
-def test_crash_without_final_save_resumes_from_last_checkpoint(tmp_path):
+def test_crash_without_final_save_resumes_from_last_checkpoint(tmp_path, straight):
   """A hard crash (no interrupt handler) loses at most the steps since the checkpoint."""
   config = parse_config(tiny_config_dict())
-  straight = train(config, str(tmp_path / "straight"))
 
   def crash(step, state):
     if step == 5:
@@ -178,18 +189,20 @@ def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys):
-  train(parse_config(tiny_config_dict(train=dict(num_steps=3))), str(tmp_path))
+def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys,
+                                                             straight):
+  del straight   # compiled the tiny config's programs
+  train(parse_config(tiny_config_dict()), str(tmp_path))
   other = parse_config(tiny_config_dict(model=dict(num_layers=3)))
   with pytest.raises(ConfigError, match=r"different config\.model "
                                         r"\(config\.model\.num_layers=2, now 3\)"):
     train(other, str(tmp_path))
   capsys.readouterr()
   train(parse_config(tiny_config_dict(optim=dict(learning_rate=1e-3),
-                                      train=dict(num_steps=4))), str(tmp_path))
+                                      train=dict(num_steps=7))), str(tmp_path))
   changed = [l for l in capsys.readouterr().out.splitlines() if "changed" in l]
   assert changed == ["Resuming with changed config.optim.learning_rate (0.003 -> 0.001), "
-                     "config.train.num_steps (3 -> 4)"]
+                     "config.train.num_steps (6 -> 7)"]
 
 
 @pytest.mark.parametrize("section,overrides,field", [
@@ -211,12 +224,11 @@ def test_unknown_section_is_rejected():
 
 
 @pytest.mark.slow
-def test_init_from_dense_run_continues_as_qsparse(tmp_path):
-  dense = train(parse_config(tiny_config_dict(train=dict(num_steps=3))),
-                str(tmp_path / "dense"))
+def test_init_from_dense_run_continues_as_qsparse(tmp_path, straight_run):
+  dense_dir, dense = straight_run
   sparse_cfg = parse_config(tiny_config_dict(
       model=dict(linear="qsparse", linear_options={"topk_ratio": 0.5}),
-      train=dict(num_steps=2, init_from=str(tmp_path / "dense"))))
+      train=dict(num_steps=2, init_from=dense_dir)))
   seen = {}
   result = train(sparse_cfg, str(tmp_path / "sparse"),
                  hooks=[lambda step, state: seen.setdefault(step, _params(state))])
@@ -234,7 +246,7 @@ def test_init_from_dense_run_continues_as_qsparse(tmp_path):
           str(tmp_path / "x"))
   with pytest.raises(ValueError, match="do not match"):
     train(parse_config(tiny_config_dict(model=dict(num_layers=3),
-                                        train=dict(init_from=str(tmp_path / "dense")))),
+                                        train=dict(init_from=dense_dir))),
           str(tmp_path / "y"))
 
 
@@ -258,9 +270,8 @@ def _sigint_after_dispatch(monkeypatch, trainer, at, times=1):
 
 
 def test_ctrl_c_mid_step_saves_that_step_and_resumes_exactly(tmp_path, monkeypatch,
-                                                               capsys):
+                                                               capsys, straight):
   config = parse_config(tiny_config_dict())
-  straight = train(config, str(tmp_path / "straight"))
   handler = signal.getsignal(signal.SIGINT)    # SIG_IGN in a background job
   with monkeypatch.context() as m:
     _sigint_after_dispatch(m, trainer_for(config), at=4)
