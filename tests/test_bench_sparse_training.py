@@ -32,8 +32,8 @@ def test_table_amortizes_update_steps(bench):
 
 @pytest.mark.slow
 def test_update_state_runs_the_mask_update(bench):
-  """(The config main() times for rigl in test_main_records_a_section: the same
-  compiled programs.)"""
+  """RigL's mask update runs at step 4 (update_every=4) and not at step 5. The config
+  is the one main() times for rigl (test_main_records_a_section): shared programs."""
   trainer = bench.one_device_trainer({
       "model": dict(d_model=16, num_layers=1, num_heads=4, num_kv_heads=2),
       "data": dict(seq_len=8, batch_size=2), "train": dict(num_steps=40, sample_tokens=0),

@@ -189,9 +189,7 @@ def test_aux_losses_metrics_and_model_state_are_trained_and_checkpointed(tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys,
-                                                             straight):
-  del straight   # compiled the tiny config's programs
+def test_resume_refuses_another_model_and_logs_other_changes(tmp_path, capsys):
   train(parse_config(tiny_config_dict()), str(tmp_path))
   other = parse_config(tiny_config_dict(model=dict(num_layers=3)))
   with pytest.raises(ConfigError, match=r"different config\.model "
