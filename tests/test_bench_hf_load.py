@@ -106,14 +106,16 @@ def measured(bench, path, warmup, loader):
 
 @pytest.mark.slow
 def test_measure_detects_a_loader_that_reads_the_whole_model(bench, tmp_path):
-  """The same measurement of load_hf and of a loader that first reads every tensor:
-  only the second peaks near 2x the params."""
+  """The same measurement of load_hf and of a loader that first reads every tensor: the
+  second peaks one whole extra copy of the params higher. The comparison is differential
+  because the process's own overhead at load time varies by host (CI's measured the
+  streaming peak at 1.67x the params where this host measures 1.3x)."""
   cfg, tiny = bench.model_config(16, 4096), bench.model_config(0, 256)
   warmup, path = str(tmp_path / "w"), str(tmp_path / "m")
   bench.save_hf(warmup, tiny, bench.random_params(tiny, jnp.float32, 1))
   bench.save_hf(path, cfg, bench.random_params(cfg, jnp.float32, 2))
   streaming = measured(bench, path, warmup, "streaming")
   whole = measured(bench, path, warmup, "greedy")
-  assert streaming["peak_over_params"] < 1.6
   assert whole["peak_over_params"] > 1.9
+  assert whole["peak_over_params"] - streaming["peak_over_params"] > 0.75
   assert whole["extra_tensors"] > streaming["extra_tensors"] + 2
