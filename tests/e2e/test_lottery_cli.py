@@ -52,9 +52,17 @@ def _host(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-@pytest.mark.slow   # trains dense + ticket + reinit tiny runs (~25 s of CPU)
-def test_rounds_masks_tickets_and_no_recompute(cli, tmp_path, monkeypatch):
-  rows = _run(cli, tmp_path, rounds=1, rewind_step=1)
+@pytest.fixture(scope="module")
+def one_round(cli, tmp_path_factory):
+  """(workdir, rounds) of a finished one-round experiment rewound to step 1: dense +
+  ticket + reinit tiny runs, shared by the tests that read it (~10 s of CPU)."""
+  workdir = tmp_path_factory.mktemp("one_round")
+  return workdir, _run(cli, workdir, rounds=1, rewind_step=1)
+
+
+@pytest.mark.slow
+def test_rounds_masks_tickets_and_no_recompute(cli, one_round, monkeypatch):
+  tmp_path, rows = one_round
   total = rows[0]["total"]
   assert [r["kept"] for r in rows] == lottery.round_counts(total, 1)
   assert rows[1]["density"] == pytest.approx(0.8, abs=1 / total)
@@ -103,13 +111,13 @@ def test_bad_flags_name_the_flag(cli, tmp_path):
     run_main(cli, ["lottery", f"--config={TINY}", f"--workdir={tmp_path}", "--rounds=-1"])
 
 
-@pytest.mark.slow   # trains dense + 2 x (ticket + reinit) tiny runs (~50 s, 2-core CPU)
-def test_ctrl_c_inside_a_round_resumes_it_bitwise(cli, tmp_path, monkeypatch):
-  straight = _run(cli, tmp_path / "straight", rounds=1, rewind_step=0)
+@pytest.mark.slow   # trains round 1 again: an interrupted ticket, the ticket, the reinit
+def test_ctrl_c_inside_a_round_resumes_it_bitwise(cli, one_round, tmp_path, monkeypatch):
+  straight_dir, straight = one_round
   # The resumed experiment starts with straight's finished round 0 (read back, not
   # retrained): the interruption under test is inside round 1.
   for name in ("dense", "rewind"):
-    shutil.copytree(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    shutil.copytree(straight_dir / name, tmp_path / "resumed" / name)
   real_train, calls = cli.train, []
 
   def interrupted(config, workdir, hooks=()):
@@ -122,10 +130,10 @@ def test_ctrl_c_inside_a_round_resumes_it_bitwise(cli, tmp_path, monkeypatch):
 
   monkeypatch.setattr(cli, "train", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    _run(cli, tmp_path / "resumed", rounds=1, rewind_step=0)
+    _run(cli, tmp_path / "resumed", rounds=1, rewind_step=1)
   assert calls == [3]
-  resumed = _run(cli, tmp_path / "resumed", rounds=1, rewind_step=0)
+  resumed = _run(cli, tmp_path / "resumed", rounds=1, rewind_step=1)
   assert resumed == straight
-  a, _ = _final(tmp_path / "straight" / "round_1" / "ticket")
+  a, _ = _final(straight_dir / "round_1" / "ticket")
   b, _ = _final(tmp_path / "resumed" / "round_1" / "ticket")
   jax.tree.map(np.testing.assert_array_equal, _host(a.params), _host(b.params))
